@@ -1,0 +1,474 @@
+"""
+MobileLLM-R1: the architecture in one file (arXiv 2509.24945; shared/RECIPE.md section 2).
+
+A dense Llama-4-text decoder: pre-norm blocks of grouped-query attention with interleaved RoPE and a
+weightless QK RMS-norm, then a SwiGLU MLP; input and output embeddings are tied. Module names follow
+Hugging Face's Llama4ForCausalLM (minus its "model." prefix) so the released checkpoints load with no
+renaming: `MobileLLM.from_hf(folder)` and `model.save_hf(folder)`.
+
+    from model import MobileLLM, ModelConfig
+    model = MobileLLM(ModelConfig.from_size("140m"))
+    logits = model(idx)                     # (B, T, vocab)
+    logits, loss = model(idx, targets)      # targets == -100 are ignored
+    out = model.generate(idx, 128)          # greedy, with a preallocated KV cache
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+class ModelError(Exception):
+    """A problem the user can fix (bad size name, bad checkpoint folder): printed as one line."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 128256
+    n_layer: int = 15
+    d_model: int = 576
+    n_head: int = 9
+    n_kv_head: int = 3
+    head_dim: int = 64
+    ffn_dim: int = 2048
+    rope_theta: float = 1e6
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    @classmethod
+    def from_size(cls, name, long_context=False):
+        """The paper's sizes (RECIPE section 2) plus laptop configs. `long_context` selects the
+        post-trained setting: 32k context with rope theta multiplied by 8 (1e6 -> 8e6)."""
+        if name not in SIZES:
+            raise ModelError(f"unknown model size {name!r}: choose one of {', '.join(SIZES)}")
+        config = cls(**SIZES[name])
+        if long_context:
+            config.rope_theta *= 8
+            config.max_seq_len = 32768
+        return config
+
+
+# Table: MobileLLM-R1 architectures (RECIPE section 2). vocab 128,256, tied embeddings, base context
+# 4k at theta 1e6. The toy configs use the byte-level toy tokenizer (data.py) and train on a CPU.
+SIZES = {
+    "toy": dict(vocab_size=272, n_layer=4, d_model=192, n_head=6, n_kv_head=3, head_dim=32,
+                ffn_dim=512, max_seq_len=1024),
+    "toy-teacher": dict(vocab_size=272, n_layer=6, d_model=320, n_head=10, n_kv_head=5, head_dim=32,
+                        ffn_dim=864, max_seq_len=1024),
+    "140m": dict(n_layer=15, d_model=576, n_head=9, n_kv_head=3, ffn_dim=2048),
+    "360m": dict(n_layer=15, d_model=1024, n_head=16, n_kv_head=4, ffn_dim=4096),
+    "950m": dict(n_layer=22, d_model=1536, n_head=24, n_kv_head=6, ffn_dim=6144),
+}
+
+
+def rms_norm(x, eps):
+    # Normalise in float32 and cast back before any weight is applied, as the reference does.
+    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.eps) * self.weight
+
+
+def rope_tables(head_dim, max_seq_len, theta, device=None):
+    """cos and sin of pos * theta^(-2i/head_dim), (max_seq_len, head_dim/2), float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+    angles = torch.arange(max_seq_len, dtype=torch.float, device=device)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Interleaved RoPE: dims (2i, 2i+1) form one complex number rotated by angle i. x: (B, T, H, D);
+    cos, sin: (T, D/2). The split-halves (rotate_half) form would not match the released weights."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layer, B, n_kv_head, max_len, head_dim)."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions already written
+
+    def update(self, layer, k, v):
+        """Write k, v (B, KV, T, D) at the current position; return the keys and values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def repeat(self, n):
+        """Each row repeated n times (prefill a prompt once, then sample n continuations)."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.eps = config.norm_eps
+        self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, doc_ids=None, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        # RoPE first, then the weightless QK-norm (RMS over each head's dims), as in the reference.
+        q = rms_norm(apply_rope(q, cos, sin), self.eps).transpose(1, 2)
+        k = rms_norm(apply_rope(k, cos, sin), self.eps).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # Query head j reads kv head j // (n_head / n_kv_head): kernels.attention handles the grouping.
+        y = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, doc_ids=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids, cache)
+        return x + self.feed_forward(self.post_attention_layernorm(x))
+
+
+class MobileLLM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        # Tied: logits = h @ E^T. An untied head exists only for foreign checkpoints that have one.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in backward (train.py flag)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        # N(0, 0.02) for linear and embedding weights; norm weights start at 1 (RECIPE section 2).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def lm_head_weight(self):
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    def estimate_flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward) for MFU: 6N for the weight matmuls (N includes
+        the tied output projection, which is a matmul; the embedding lookup is free but is the same
+        matrix), plus 12 * layers * heads * head_dim * seq_len for the attention scores and weighted
+        sum (PaLM appendix B; the causal mask's halving is not subtracted, as is customary)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
+        """AdamW with weight decay on 2-D weights only: never on norm weights (RECIPE section 4)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
+
+    def forward_hidden(self, idx, doc_ids=None, cache=None):
+        """Final-normed hidden states (B, T, d_model). doc_ids (B, T) keeps packed documents apart."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ModelError(f"sequence of {start + T} tokens exceeds the model's context of "
+                             f"{self.config.max_seq_len}: shorten the input")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.embed_tokens(idx)
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, doc_ids, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, doc_ids, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, doc_ids=None, return_logits=True, loss_reduction="mean"):
+        """model(idx) -> logits (B, T, vocab). model(idx, targets) -> (logits, loss), loss over targets
+        != -100. With return_logits=False the loss is computed chunk by chunk (kernels.
+        linear_cross_entropy) without ever holding the logits, and (None, loss) is returned."""
+        h = self.forward_hidden(idx, doc_ids)
+        if targets is None:
+            return F.linear(h, self.lm_head_weight)
+        if not return_logits:
+            return None, kernels.linear_cross_entropy(h, self.lm_head_weight, targets, reduction=loss_reduction)
+        logits = F.linear(h, self.lm_head_weight)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                               reduction=loss_reduction)
+        return logits, loss
+
+    # ----------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.inference_mode()
+    def stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None,
+               num_samples=1, seed=None, use_cache=True):
+        """Yield the next token of every row, (B * num_samples,), one step at a time. The prompt is
+        prefilled once into a preallocated KV cache, then repeated for num_samples continuations.
+        Rows that produced a stop id keep repeating it; the stream ends when every row has stopped."""
+        if temperature < 0:
+            raise ModelError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ModelError(f"top_p must be in (0, 1], got {top_p}")
+        B, T = idx.shape
+        total = min(T + max_new_tokens, self.config.max_seq_len)
+        if T >= self.config.max_seq_len:
+            raise ModelError(f"prompt of {T} tokens does not fit the model's context of "
+                             f"{self.config.max_seq_len}: shorten it")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=idx.device).manual_seed(seed)
+        stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=idx.device)
+        cache = None
+        if use_cache:
+            dtype = self.embed_tokens.weight.dtype
+            cache = KVCache(self.config, B, total, idx.device, dtype)
+            logits = F.linear(self.forward_hidden(idx, cache=cache)[:, -1], self.lm_head_weight)
+            cache.repeat(num_samples)
+        else:
+            logits = self(idx)[:, -1]
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        seq = idx.repeat_interleave(num_samples, dim=0)
+        finished = torch.zeros(seq.size(0), dtype=torch.bool, device=idx.device)
+        last = torch.zeros(seq.size(0), dtype=torch.long, device=idx.device)
+        for _ in range(total - T):
+            token = sample_token(logits.float(), temperature, top_k, top_p, generator)
+            token = torch.where(finished, last, token)
+            finished |= torch.isin(token, stop)
+            last = token
+            yield token
+            if bool(finished.all()):
+                return
+            if use_cache:
+                logits = F.linear(self.forward_hidden(token[:, None], cache=cache)[:, -1], self.lm_head_weight)
+            else:
+                seq = torch.cat([seq, token[:, None]], dim=1)
+                logits = self(seq)[:, -1]
+
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None,
+                 num_samples=1, seed=None, use_cache=True):
+        """Prompt (B, T) -> (B * num_samples, T + new) token ids; temperature 0 is greedy."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                               num_samples, seed, use_cache))
+        prompt = idx.repeat_interleave(num_samples, dim=0)
+        return torch.cat([prompt] + [t[:, None] for t in new], dim=1)
+
+    # ----------------------------------------------------------------------------------------------
+    # Hugging Face interop: Llama4ForCausalLM folders (config.json + safetensors)
+
+    @classmethod
+    def from_hf(cls, path, device="cpu", dtype=None):
+        """Load a Hugging Face folder as released for facebook/MobileLLM-R1-* or written by
+        transformers' save_pretrained for Llama4ForCausalLM (single or sharded safetensors)."""
+        config = config_from_hf(path)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {"model." + k: v for k, v in model.state_dict().items()}
+        tensors = read_safetensors(path)
+        if config.tie_embeddings and "lm_head.weight" in tensors:
+            tensors.pop("lm_head.weight")  # some writers store the tied head too; it is the embedding
+        unexpected = sorted(set(tensors) - set(expected))
+        if unexpected:
+            raise ModelError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all): "
+                             "not a dense MobileLLM-R1 / Llama4ForCausalLM checkpoint")
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ModelError(f"{path}: tensor {missing[0]} is missing ({len(missing)} in all): "
+                             "the weights are incomplete or do not match config.json")
+        for name, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise ModelError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, config.json "
+                                 f"implies {tuple(expected[name].shape)}")
+        state = {name[len("model."):] if name.startswith("model.") else name: t for name, t in tensors.items()}
+        model = model.to_empty(device=device)
+        model.load_state_dict(state, strict=False)  # rope tables are buffers, recomputed below
+        model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta, device)
+        return model.to(dtype) if dtype is not None else model
+
+    def save_hf(self, path, bos_token_id=None, eos_token_id=None, pad_token_id=None):
+        """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads.
+        The folder is written next to `path` and renamed into place, so it is never half-written."""
+        from safetensors.torch import save_file
+        c = self.config
+        hf_config = {
+            "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text",
+            "vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layer,
+            "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
+            "intermediate_size": c.ffn_dim, "intermediate_size_mlp": c.ffn_dim, "hidden_act": "silu",
+            "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta, "rope_scaling": None,
+            "rope_parameters": {"rope_theta": c.rope_theta, "rope_type": "default"},
+            "tie_word_embeddings": c.tie_embeddings, "use_qk_norm": True, "attention_bias": False,
+            # Llama 4 leftovers that make the reference class a dense model (RECIPE section 2).
+            "moe_layers": [], "no_rope_layers": [1] * c.n_layer, "layer_types": ["full_attention"] * c.n_layer,
+            "attn_temperature_tuning": False, "torch_dtype": str(self.embed_tokens.weight.dtype).split(".")[-1],
+            "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+        }
+        tensors = {"model." + k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                   if not k.startswith("rope_")}
+        if self.lm_head is not None:
+            tensors["lm_head.weight"] = tensors.pop("model.lm_head.weight")
+        path = os.path.abspath(path)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-hf-")
+        try:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf_config, f, indent=2)
+            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            if os.path.isdir(path):  # keep anything else in the folder (e.g. tokenizer.json)
+                for name in ("config.json", "model.safetensors"):
+                    os.replace(os.path.join(tmp, name), os.path.join(path, name))
+            else:
+                os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sample_token(logits, temperature, top_k=None, top_p=None, generator=None):
+    """One token per row from (B, vocab) logits: argmax at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # drop tokens after the nucleus is full
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def config_from_hf(path):
+    """ModelConfig from a Hugging Face config.json, refusing what this architecture does not cover."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise ModelError(f"{path} is not a folder: pass a Hugging Face model folder holding config.json")
+    if not os.path.isfile(config_path):
+        raise ModelError(f"no config.json in {path}: pass a Hugging Face model folder "
+                         "(e.g. facebook/MobileLLM-R1-950M as downloaded)")
+    try:
+        with open(config_path) as f:
+            hf = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read {config_path}: {e}")
+    hf = hf.get("text_config", hf)  # a multimodal Llama 4 wrapper keeps the decoder here
+    model_type = hf.get("model_type")
+    if model_type not in ("llama4_text", "llama4"):
+        raise ModelError(f"{config_path}: model_type {model_type!r} is not supported; "
+                         "expected a MobileLLM-R1 / Llama4ForCausalLM checkpoint (llama4_text)")
+    n_layer = hf["num_hidden_layers"]
+    unsupported = [
+        (bool(hf.get("moe_layers")), "mixture-of-experts layers (moe_layers)"),
+        (any(v != 1 for v in hf.get("no_rope_layers") or [1]), "layers without RoPE (no_rope_layers)"),
+        (not hf.get("use_qk_norm", True), "attention without QK-norm (use_qk_norm false)"),
+        (hf.get("attention_bias", False), "attention biases"),
+        (hf.get("hidden_act", "silu") != "silu", f"activation {hf.get('hidden_act')!r}"),
+        (any(t != "full_attention" for t in hf.get("layer_types") or []), "non-full attention layers"),
+    ]
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    unsupported.append((rope.get("rope_type", rope.get("type", "default")) != "default",
+                        f"rope scaling {rope.get('rope_type', rope.get('type'))!r}"))
+    for bad, what in unsupported:
+        if bad:
+            raise ModelError(f"{config_path}: {what} not supported by this dense MobileLLM-R1 model")
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], n_layer=n_layer, d_model=hf["hidden_size"],
+            n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            ffn_dim=hf.get("intermediate_size_mlp") or hf["intermediate_size"],
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 500000.0))),
+            max_seq_len=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-5),
+            tie_embeddings=hf.get("tie_word_embeddings", True))
+    except KeyError as e:
+        raise ModelError(f"{config_path}: required field {e.args[0]!r} is missing")
+
+
+def read_safetensors(path):
+    """All tensors of a folder's model.safetensors, or of the shards its index lists."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ModelError(f"no model.safetensors (or model.safetensors.index.json) in {path}: "
+                         "download the weights too")
+    tensors = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ModelError(f"{file} is listed in the index but missing: download it")
+        try:
+            tensors.update(load_file(file))
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{file} is not a readable safetensors file ({e}): download it again")
+    return tensors
+
+
+def config_from_dict(d):
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ModelError(f"unknown model config fields {sorted(unknown)}: checkpoint from another version?")
+    return ModelConfig(**d)
