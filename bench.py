@@ -1,0 +1,480 @@
+"""
+Speed and memory side by side with the reference implementation, in one process, same threads, same
+weights: warm-up first, then repetitions alternating ours and the reference, median reported.
+
+    python bench.py                          # every comparison (~10 minutes on a 2-core CPU)
+    python bench.py --quick                  # fewer repetitions, shorter sequences: ~2 minutes
+    python bench.py --only attention,loss    # sections whose name contains one of these
+    python bench.py --json results.json      # the rows as JSON: name, ours, reference, unit, ratio
+    python bench.py --profile --only "train 140m"   # top operators (self CPU time) of both sides
+
+Sections: train 140m / train toy (forward, backward, clip, AdamW step: ours vs transformers'
+Llama4ForCausalLM with the weights copied, under the optimizer HF's Trainer builds by default),
+generate 140m (greedy, KV cache, 128 new tokens after 64), attention (fused vs torch SDPA, causal and
+with a dense 8-document mask), loss (chunked linear_cross_entropy vs logits + F.cross_entropy),
+sampler (MixtureSampler vs nanoGPT's get_batch), cuda (bf16 tokens/s and MFU, eager and compiled;
+only when a GPU is present). ratio = ours / reference: below 1 is better for s and MB, above 1 for
+tokens/s.
+
+Peak memory on CPU: torch keeps no peak statistics for CPU tensors, so we ask the kernel. Each memory
+figure comes from a fresh child process (this file with --memory-child) started with
+MALLOC_MMAP_THRESHOLD_=65536: glibc then serves every buffer over 64 KiB with its own mmap and returns
+it on free, so the resident set (RSS) follows live memory instead of keeping freed blocks (with its
+default, dynamic threshold a freed buffer stays resident and a second run would look free). The child
+builds the case, runs it once (warm-up: optimizer state, lazy initialisation), frees what it can,
+then resets the kernel's high-water mark (echo 5 > /proc/self/clear_refs) and runs it again.
+"peak" = VmHWM - VmRSS just before that run: what the call adds (activations, gradients, workspaces).
+"total" (training rows) = VmHWM - VmRSS before the model was built: weights, gradients, AdamW state
+and activations together. Timings come from the parent process with glibc's default settings.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import kernels
+from model import MobileLLM, ModelConfig, ModelError
+
+SIDES = ("ours", "reference")
+TRAIN_SHAPES = {"140m": (2, 256), "toy": (16, 256)}  # (batch, seq): 140m as fits a CPU; toy = train.py's toy preset
+PROMPT, NEW_TOKENS = 64, 128  # generation: 128 new tokens after a 64-token prompt (issue 7)
+ATTN_HEADS = (9, 3, 64)  # query heads, kv heads, head_dim of the 140m model (RECIPE section 2)
+ATTN_DOCS = 8  # documents packed in one attention sequence
+CUDA_SIZES = ("140m", "360m", "950m")
+CUDA_SHAPE = (16, 2048)  # per-GPU batch of pre-training (RECIPE section 4)
+
+
+# -------------------------------------------------------------------------------------------------
+# Measurement
+
+def time_sides(fns, warmup, reps, sync=None):
+    """Median seconds per call of each side. Sides alternate inside each repetition, so a slow
+    moment of a shared machine hits both rather than one."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {side: [] for side in fns}
+    for _ in range(reps):
+        for side, fn in fns.items():
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[side].append(time.perf_counter() - t0)
+    return {side: statistics.median(t) for side, t in times.items()}
+
+
+def profile_sides(fns, title, rows=12):
+    from torch.profiler import ProfilerActivity, profile
+    for side, fn in fns.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        print(f"\n--- profile: {title}, {side} (top operators by self CPU time)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def status_mb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # reported in kB
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def release_memory():
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed small-block pages back too
+
+
+def memory_child(spec):
+    """Runs in the child process (see the module docstring): peak and total MB of each case."""
+    if spec["side"] == "reference":
+        import transformers  # noqa: F401  (imported before the baseline: its modules are not the model's)
+    results = []
+    for params in spec["cases"]:
+        release_memory()
+        before_build = status_mb("VmRSS")
+        fn = BUILDERS[spec["kind"]](sides=(spec["side"],), **params)[spec["side"]]
+        fn()
+        release_memory()
+        before_call = status_mb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+        fn()
+        peak = status_mb("VmHWM")
+        results.append({"peak": peak - before_call, "total": peak - before_build})
+        del fn
+    print(json.dumps(results))
+
+
+def measure_memory(kind, cases, side, threads):
+    """Run memory_child in a fresh process; a list of {"peak", "total"} MB, one per case."""
+    spec = json.dumps({"kind": kind, "cases": cases, "side": side})
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--memory-child", spec]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child for {kind} ({side}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def row(name, ours, reference, unit):
+    ratio = ours / reference if ours is not None and reference else None
+    return dict(name=name, ours=ours, reference=reference, unit=unit, ratio=ratio)
+
+
+# -------------------------------------------------------------------------------------------------
+# The cases. Each builder returns {side: a call to measure} for the sides asked for; when both are
+# built, they share weights and inputs.
+
+def reference_model(config):
+    """transformers' Llama4ForCausalLM as the dense MobileLLM-R1 (RECIPE section 2), SDPA attention."""
+    import transformers
+    L = config.n_layer
+    hf = transformers.Llama4TextConfig(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=L,
+        num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head, head_dim=config.head_dim,
+        intermediate_size=config.ffn_dim, intermediate_size_mlp=config.ffn_dim, rope_theta=config.rope_theta,
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps, moe_layers=[],
+        no_rope_layers=[1] * L, layer_types=["full_attention"] * L, tie_word_embeddings=True,
+        use_qk_norm=True, attn_implementation="sdpa")
+    return transformers.Llama4ForCausalLM(hf)
+
+
+def build_models(size, sides, device="cpu"):
+    config = ModelConfig.from_size(size)
+    torch.manual_seed(0)
+    models = {}
+    if "reference" in sides:
+        models["reference"] = reference_model(config).to(device)
+    if "ours" in sides:
+        models["ours"] = MobileLLM(config).to(device)
+        if "reference" in models:  # same weights: HF names are ours with a "model." prefix
+            state = {k.removeprefix("model."): v for k, v in models["reference"].state_dict().items()
+                     if k != "lm_head.weight"}
+            models["ours"].load_state_dict(state, strict=False)  # rope tables are computed, not loaded
+    return config, models
+
+
+def adamw(model, fused):
+    """AdamW, betas (0.9, 0.95), eps 1e-8, decay 0.1 on 2-D weights only (RECIPE section 4)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def build_train(size, batch, seq, sides=SIDES, device="cpu", compile=False):
+    config, models = build_models(size, sides, device)
+    x = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    idx, targets = x[:, :-1], x[:, 1:]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    fns = {}
+    for side, model in models.items():
+        model.train()
+        if side == "ours":
+            optimizer = model.configure_optimizer(1e-4, 0.1, device_type=device)
+            forward = torch.compile(model) if compile else model
+            loss_of = lambda fwd=forward: fwd(idx, targets, return_logits=False)[1]
+        else:
+            # HF's Trainer defaults to optim="adamw_torch_fused" with torch >= 2.8 (also on CPU).
+            optimizer = adamw(model, fused=True)
+            forward = torch.compile(model) if compile else model
+            # labels are shifted inside (loss on T - 1 positions); no KV cache is kept in training
+            loss_of = lambda fwd=forward: fwd(input_ids=idx, labels=idx, use_cache=False).loss
+
+        def step(model=model, optimizer=optimizer, loss_of=loss_of):
+            with autocast:
+                loss = loss_of()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # RECIPE section 4
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        fns[side] = step
+    return fns
+
+
+def build_generate(size, sides=SIDES):
+    config, models = build_models(size, sides)
+    idx = torch.randint(0, config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    fns = {}
+    if "ours" in models:
+        fns["ours"] = lambda m=models["ours"].eval(): m.generate(idx, NEW_TOKENS)
+    if "reference" in models:
+        ref = models["reference"].eval()
+        ref.generation_config.eos_token_id = None  # always 128 new tokens, as ours without stop ids
+        ref.generation_config.pad_token_id = 0
+        fns["reference"] = lambda: ref.generate(idx, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return fns
+
+
+def build_attention(T, docs, sides=SIDES):
+    """Forward + backward of one attention call at the 140m head shapes, B = 1. docs = 0: causal
+    only; else `docs` equal documents packed in the sequence (the reference gets a dense mask)."""
+    H, KV, D = ATTN_HEADS
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, H, T, D, generator=g, requires_grad=True)
+    k = torch.randn(1, KV, T, D, generator=g, requires_grad=True)
+    v = torch.randn(1, KV, T, D, generator=g, requires_grad=True)
+    dout = torch.randn(1, H, T, D, generator=g)
+    doc_ids = (torch.arange(T) * docs // T)[None] if docs else None
+    # The dense mask is built once, outside the measured call: the reference is not charged for it.
+    mask = kernels.visible(torch.arange(T), torch.arange(T), True, doc_ids, doc_ids)[:, None] if docs else None
+
+    def run(attend):
+        attend().backward(dout)
+        q.grad = k.grad = v.grad = None
+    fns = {
+        "ours": lambda: run(lambda: kernels.attention(q, k, v, causal=True, doc_ids=doc_ids, backend="fused")),
+        "reference": lambda: run(lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)),
+    }
+    return {side: fns[side] for side in sides}
+
+
+def build_loss(batch, seq, sides=SIDES):
+    """Output projection + cross-entropy, forward + backward, at the 140m shapes (d 576, vocab 128,256)."""
+    config = ModelConfig.from_size("140m")
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(batch, seq, config.d_model, generator=g, requires_grad=True)
+    w = (0.02 * torch.randn(config.vocab_size, config.d_model, generator=g)).requires_grad_()
+    targets = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+
+    def run(loss_of):
+        loss_of().backward()
+        h.grad = w.grad = None
+    fns = {
+        "ours": lambda: run(lambda: kernels.linear_cross_entropy(h, w, targets)),
+        # what HF's loss does: full logits, upcast to float32, then cross-entropy
+        "reference": lambda: run(lambda: F.cross_entropy(F.linear(h, w).float().flatten(0, 1), targets.flatten())),
+    }
+    return {side: fns[side] for side in sides}
+
+
+BUILDERS = {"train": build_train, "attention": build_attention, "loss": build_loss}
+
+
+# -------------------------------------------------------------------------------------------------
+# Sections: each yields rows
+
+def compare(fns, title, args, sync=None):
+    if args.profile:
+        profile_sides(fns, title)
+    return time_sides(fns, args.warmup, args.reps, sync)
+
+
+def bench_train(size, args):
+    batch, seq = TRAIN_SHAPES[size]
+    name = f"train {size} {batch}x{seq}"
+    t = compare(build_train(size, batch, seq), name, args)
+    yield row(f"{name} step time", t["ours"], t["reference"], "s")
+    yield row(f"{name} tokens/s", batch * seq / t["ours"], batch * seq / t["reference"], "tok/s")
+    gc.collect()
+    case = [dict(size=size, batch=batch, seq=seq)]
+    mem = {side: measure_memory("train", case, side, args.threads)[0] for side in SIDES}
+    yield row(f"{name} peak memory (step)", mem["ours"]["peak"], mem["reference"]["peak"], "MB")
+    yield row(f"{name} peak memory (total)", mem["ours"]["total"], mem["reference"]["total"], "MB")
+
+
+def bench_generate(args):
+    t = compare(build_generate("140m"), "generate 140m", args)
+    yield row(f"generate 140m {PROMPT}+{NEW_TOKENS} greedy", NEW_TOKENS / t["ours"],
+              NEW_TOKENS / t["reference"], "tok/s")
+
+
+def bench_attention(args):
+    cases = [dict(T=T, docs=docs) for docs in (0, ATTN_DOCS) for T in args.lengths]
+    mem = {side: measure_memory("attention", cases, side, args.threads) for side in SIDES}
+    peaks = {}
+    for i, case in enumerate(cases):
+        what = f"doc-masked ({ATTN_DOCS} docs)" if case["docs"] else "causal"
+        name = f"attention {what} T={case['T']} fwd+bwd"
+        t = compare(build_attention(**case), name, args)
+        yield row(f"{name} time", t["ours"], t["reference"], "s")
+        yield row(f"{name} peak memory", mem["ours"][i]["peak"], mem["reference"][i]["peak"], "MB")
+        peaks[case["docs"], case["T"]] = {side: mem[side][i]["peak"] for side in SIDES}
+    # Linear memory shows as growth equal to the length ratio, quadratic as its square.
+    lo, hi = min(args.lengths), max(args.lengths)
+    if lo != hi:
+        for docs in (0, ATTN_DOCS):
+            what = f"doc-masked ({ATTN_DOCS} docs)" if docs else "causal"
+            growth = {side: peaks[docs, hi][side] / peaks[docs, lo][side] for side in SIDES}
+            yield row(f"attention {what} memory growth T={lo}->{hi} (linear: {hi / lo:g}x)",
+                      growth["ours"], growth["reference"], "x")
+
+
+def bench_loss(args):
+    batch, seq = args.loss_shape
+    name = f"loss 140m vocab {batch}x{seq} fwd+bwd"
+    t = compare(build_loss(batch, seq), name, args)
+    yield row(f"{name} time", t["ours"], t["reference"], "s")
+    mem = {side: measure_memory("loss", [dict(batch=batch, seq=seq)], side, args.threads)[0] for side in SIDES}
+    yield row(f"{name} peak memory", mem["ours"]["peak"], mem["reference"]["peak"], "MB")
+
+
+def bench_sampler(args):
+    """MixtureSampler over two prepared sources vs nanoGPT's get_batch (uniform random offsets into
+    one memory-mapped shard, no mixture, no document ids), rows of 2048 + 1 tokens."""
+    seq, batch, n_batches = 2048, 8, args.reps * 5
+    rng = np.random.default_rng(0)
+    words = ["carry", "digit", "sum", "step", "answer", "think", "7", "42", "+", "="]
+    with tempfile.TemporaryDirectory() as tmp:
+        for source in ("a", "b"):
+            path = os.path.join(tmp, f"{source}.jsonl")
+            with open(path, "w") as f:
+                for _ in range(args.sampler_docs):  # documents of 100 to 3,000 words
+                    f.write(json.dumps({"text": " ".join(rng.choice(words, rng.integers(100, 3000)))}) + "\n")
+            data.prepare(source, [path], os.path.join(tmp, "data"), tokenizer="toy", workers=1)
+        sampler = data.MixtureSampler(os.path.join(tmp, "data"), "a=0.7,b=0.3", seq, batch)
+        shard = os.path.join(tmp, "data", "a", "shard_00000.bin")
+        tokens = np.memmap(shard, dtype=np.uint32, mode="r", offset=data.HEADER_BYTES)
+
+        def nanogpt_batch():
+            ix = torch.randint(len(tokens) - seq - 1, (batch,))
+            rows = [torch.from_numpy(tokens[i:i + seq + 1].astype(np.int64)) for i in ix.tolist()]
+            return torch.stack([r[:-1] for r in rows]), torch.stack([r[1:] for r in rows])
+        fns = {"ours": lambda: [sampler.next_batch() for _ in range(n_batches)],
+               "reference": lambda: [nanogpt_batch() for _ in range(n_batches)]}
+        t = compare(fns, "sampler", args)
+    tokens_per_call = n_batches * batch * seq
+    yield row(f"sampler {batch}x({seq}+1) rows vs nanoGPT get_batch", tokens_per_call / t["ours"],
+              tokens_per_call / t["reference"], "tok/s")
+
+
+def bench_cuda(args):
+    """bf16 autocast training step on the GPU (float32 weights and AdamW state, as train.py runs),
+    eager and torch.compile'd: tokens/s, MFU (against the GPU's dense bf16 peak) and peak memory."""
+    from train import peak_flops
+    device = torch.device("cuda")
+    peak = peak_flops(device)
+    batch, seq = CUDA_SHAPE
+    for size in CUDA_SIZES:
+        for compile in (False, True):
+            name = f"cuda {size} {batch}x{seq} bf16{' compile' if compile else ''}"
+            tok_s, mem = {}, {}
+            for side in SIDES:  # one side at a time: both 950m models and their states would be large
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                fns = build_train(size, batch, seq, sides=(side,), device="cuda", compile=compile)
+                t = time_sides(fns, args.warmup + 1, args.reps, sync=torch.cuda.synchronize)
+                tok_s[side] = batch * seq / t[side]
+                mem[side] = torch.cuda.max_memory_allocated() / 2**20
+                del fns
+            with torch.device("meta"):  # only the parameter count is needed
+                flops = MobileLLM(ModelConfig.from_size(size)).estimate_flops_per_token(seq)  # 6N + attention
+            mfu = {s: 100 * flops * tok_s[s] / peak if peak else None for s in SIDES}
+            yield row(f"{name} tokens/s", tok_s["ours"], tok_s["reference"], "tok/s")
+            yield row(f"{name} MFU", mfu["ours"], mfu["reference"], "%")
+            yield row(f"{name} peak memory", mem["ours"], mem["reference"], "MB")
+
+
+def sections(args):
+    """(name, rows generator) in run order; --only picks by name."""
+    return [
+        ("train 140m", lambda: bench_train("140m", args)),
+        ("train toy", lambda: bench_train("toy", args)),
+        ("generate 140m", lambda: bench_generate(args)),
+        ("attention", lambda: bench_attention(args)),
+        ("loss", lambda: bench_loss(args)),
+        ("sampler", lambda: bench_sampler(args)),
+        ("cuda", lambda: bench_cuda(args) if torch.cuda.is_available() else iter(())),
+    ]
+
+
+# -------------------------------------------------------------------------------------------------
+
+def fmt(x):
+    if x is None:
+        return "n/a"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def print_rows(rows):
+    header = ("name", "ours", "reference", "unit", "ratio")
+    table = [header] + [(r["name"], fmt(r["ours"]), fmt(r["reference"]), r["unit"], fmt(r["ratio"])) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for k, line in enumerate(table):
+        print(" | ".join(cell.ljust(w) if i in (0, 3) else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+        if k == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="ours vs the reference implementation: time and memory",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and lengths (~2 minutes on 2 cores)")
+    p.add_argument("--only", help="comma-separated substrings: run the sections whose name contains one "
+                                  "(train 140m, train toy, generate 140m, attention, loss, sampler, cuda)")
+    p.add_argument("--json", help="also write the rows to this file as JSON")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    p.add_argument("--reps", type=int, help="timed repetitions per side (default 5, 3 with --quick)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per side first")
+    p.add_argument("--lengths", help="attention sequence lengths (default 1024,2048,4096; 1024,4096 with --quick)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of each comparison")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory measurement process
+    args = p.parse_args(argv)
+    args.reps = args.reps or (3 if args.quick else 5)
+    lengths = args.lengths or ("1024,4096" if args.quick else "1024,2048,4096")
+    try:
+        args.lengths = [int(n) for n in lengths.split(",")]
+    except ValueError:
+        p.error(f"--lengths {lengths!r}: give comma-separated integers, e.g. 1024,4096")
+    if args.reps < 1 or args.warmup < 0 or args.threads < 1 or min(args.lengths) < 1:
+        p.error("--reps, --threads and --lengths must be positive, --warmup non-negative")
+    args.loss_shape = TRAIN_SHAPES["140m"] if args.quick else (2, 1024)
+    args.sampler_docs = 100 if args.quick else 400
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(json.loads(args.memory_child))
+        return
+    chosen = sections(args)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        chosen = [(name, run) for name, run in chosen if any(w in name for w in wanted)]
+        if not chosen:
+            print(f"error: --only {args.only!r} matches no section; sections: "
+                  f"{', '.join(name for name, _ in sections(args))}", file=sys.stderr)
+            sys.exit(2)
+    print(f"torch {torch.__version__}, {args.threads} threads, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; "
+          f"warm-up {args.warmup}, median of {args.reps}")
+    rows = []
+    for name, run in chosen:
+        t0 = time.perf_counter()
+        for r in run():
+            rows.append(r)
+            print(f"  {r['name']}: ours {fmt(r['ours'])} {r['unit']}, reference {fmt(r['reference'])}", flush=True)
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+        gc.collect()
+    print()
+    print_rows(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ModelError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,800 @@
+"""
+The data: tiktoken tokenizers, the chat format, uint32 token shards and the token-weighted
+MixtureSampler that serves training rows in the proportions of the paper's mixture tables.
+
+    python data.py toy                                   # the embedded toy corpus -> data/toy
+    python data.py prepare --source fineweb-edu --input shards/*.jsonl --out data --tokenizer llama3
+    python data.py mix --data data --mixture pretrain-phase1 --rows 100000 --seq-len 2048
+
+Layout of a data folder: one folder per source, DIR/NAME/ holding
+    shard_00000.bin ...  64-byte header (8 little-endian uint64: magic, format version, vocab size,
+                         token count, tokenizer fingerprint, 0, 0, 0) followed by uint32 tokens
+    shard_00000.mask ... chat sources only: one uint8 loss-mask byte per token (1 = supervised)
+    docs.npy             int64 (n_docs, 3): shard number, first token, length of every document
+    meta.json            tokenizer, vocab size, n_tokens, n_docs, kind "text"|"chat", inputs
+meta.json is written last and the folder is renamed into place, so a folder with a meta.json is
+complete. Every document starts with BOS (RECIPE section 4); chat conversations are rendered with
+render_chat. Input formats: .jsonl (one JSON object per line; the field `text`, or `messages` for
+chat; --field picks another), .txt (the whole file is one document), .parquet (needs pyarrow).
+"""
+
+import argparse
+import base64
+import importlib.util
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+import zlib
+from fractions import Fraction
+from functools import lru_cache
+from hashlib import sha256
+
+import numpy as np
+import tiktoken
+import torch
+from tqdm import tqdm
+
+
+class DataError(Exception):
+    """A problem the user caused (bad path, bad file, bad mixture); main() prints it as one line."""
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers (RECIPE section 3)
+
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+# The 256 special tokens after the 128,000 ranks, Llama-3.1 names in id order (<|begin_of_text|> = 128000,
+# <|eot_id|> = 128009). Newer llama-models releases rename two reserved ones (<|step_id|>, <|image|>).
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(LLAMA3_SPECIALS))]
+# The toy vocabulary: 256 byte tokens, then the first 16 Llama-3 special tokens in the same order,
+# so the same roles have the same names and the vocabulary is 272 (model.py's toy vocab_size).
+TOY_SPECIALS = LLAMA3_SPECIALS[:16]
+BOS, EOS, PAD, START_HEADER, END_HEADER, EOM, EOT = (LLAMA3_SPECIALS[i] for i in (0, 1, 4, 6, 7, 8, 9))
+
+
+def _gpt2_bytes_to_unicode():
+    """GPT-2's byte -> printable character table, used by Hugging Face tokenizer.json vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:  # unprintable bytes map to chr(256), chr(257), ... in byte order
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _read_tiktoken_ranks(path):
+    """A tiktoken ranks file: one "base64(token bytes) rank" per line."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _read_tokenizer_json(path):
+    """Ranks, special tokens and split pattern from a Hugging Face byte-level BPE tokenizer.json.
+    Its vocab maps GPT-2 byte-to-unicode strings to ids, and for a tiktoken-born BPE the id IS the rank."""
+    with open(path, encoding="utf-8") as f:
+        tj = json.load(f)
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise DataError(f"{path} is not a BPE tokenizer.json; pass a Llama-3 tokenizer.json or tokenizer.model")
+    specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    byte_of = {ch: b for b, ch in _gpt2_bytes_to_unicode().items()}
+    try:
+        ranks = {bytes(byte_of[ch] for ch in token): i for token, i in model["vocab"].items() if token not in specials}
+    except KeyError:
+        raise DataError(f"{path} is not a byte-level (GPT-2 byte-to-unicode) BPE, so not a tiktoken tokenizer")
+    pattern = LLAMA3_PATTERN  # the checkpoint's own Split regex, when it has one, takes precedence
+    pre = tj.get("pre_tokenizer") or {}
+    for p in pre.get("pretokenizers", [pre]):
+        if p.get("type") == "Split" and "Regex" in p.get("pattern", {}):
+            pattern = p["pattern"]["Regex"]
+            break
+    return ranks, specials, pattern
+
+
+def _encoding(name, ranks, specials, pattern):
+    enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    # A fingerprint of everything that decides the ids: prepared shards record it, so data made with
+    # one tokenizer is never silently mixed with another (the name alone can differ for the same one).
+    h = sha256(pattern.encode())
+    h.update(b"".join(len(t).to_bytes(2, "little") + t for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])))
+    h.update(json.dumps(sorted(specials.items())).encode())
+    enc.fingerprint = h.hexdigest()[:16]
+    return enc
+
+
+@lru_cache(maxsize=8)
+def get_tokenizer(name_or_path="llama3"):
+    """tiktoken Encoding for "llama3" (the llama-models package's ranks), "toy" (bytes + specials),
+    a path to a tiktoken tokenizer.model, or a checkpoint folder / file with a tokenizer.json."""
+    if name_or_path == "toy":
+        ranks = {bytes([b]): b for b in range(256)}
+        return _encoding("toy", ranks, {t: 256 + i for i, t in enumerate(TOY_SPECIALS)}, LLAMA3_PATTERN)
+    path = name_or_path
+    if name_or_path == "llama3":
+        spec = importlib.util.find_spec("llama_models")  # locate the package without importing it
+        if spec is None:
+            raise DataError("tokenizer llama3 needs the llama-models package: pip install --no-deps llama-models")
+        path = os.path.join(spec.submodule_search_locations[0], "llama3", "tokenizer.model")
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise DataError(f"no tokenizer at {path}: use llama3, toy, a tokenizer.model or a folder with tokenizer.json")
+    if path.endswith(".json"):
+        ranks, specials, pattern = _read_tokenizer_json(path)
+    else:
+        ranks = _read_tiktoken_ranks(path)
+        specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
+        pattern = LLAMA3_PATTERN
+    return _encoding(name_or_path, ranks, specials, pattern)
+
+
+def special_id(enc, token):
+    try:
+        return enc.encode_single_token(token)
+    except KeyError:
+        raise DataError(f"tokenizer {enc.name} has no {token} token; use a Llama-3 tokenizer or toy")
+
+
+def bos_id(enc): return special_id(enc, BOS)
+def eot_id(enc): return special_id(enc, EOT)
+def pad_id(enc): return special_id(enc, PAD)
+def stop_ids(enc): return [special_id(enc, t) for t in (EOS, EOM, EOT)]  # RECIPE section 3
+
+
+# -----------------------------------------------------------------------------
+# Chat format and answers (RECIPE sections 3 and 6)
+
+DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+ROLES = ("system", "user", "assistant")
+
+
+def render_chat(messages, enc, add_generation_prompt=False):
+    """BOS, then per turn <|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>.
+    Returns (ids, mask): mask is true only on assistant content and its <|eot_id|>, the tokens SFT
+    learns. Header, role and content are encoded separately (as llama-models' ChatFormat does), and
+    content with encode_ordinary, so text that spells a special token stays text."""
+    def header(role):
+        return [special_id(enc, START_HEADER), *enc.encode_ordinary(role), special_id(enc, END_HEADER),
+                *enc.encode_ordinary("\n\n")]
+    ids, mask = [bos_id(enc)], [False]
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"bad chat message {str(m)[:80]!r}: need {{'role': one of {ROLES}, 'content': str}}")
+        h, body = header(m["role"]), enc.encode_ordinary(m["content"]) + [eot_id(enc)]
+        ids += h + body
+        mask += [False] * len(h) + [m["role"] == "assistant"] * len(body)
+    if add_generation_prompt:
+        h = header("assistant")
+        ids, mask = ids + h, mask + [False] * len(h)
+    return ids, mask
+
+
+def extract_boxed(text):
+    """Content of the last \\boxed{...} in text (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None  # unbalanced: the model stopped mid-answer
+
+
+def normalize_answer(s):
+    """Canonical form for exact-match grading: numbers compare by value ("1,000" == "1000.0",
+    "0.5" == "\\frac{1}{2}"), anything else by its whitespace-collapsed text."""
+    s = str(s).strip().strip("$").strip()
+    s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s).replace("\\!", "").replace("\\,", "")
+    t = re.sub(r"[\s,]", "", s)
+    m = re.fullmatch(r"\(?([-+]?[\d.]+(?:e[-+]?\d+)?)\)?(?:/\(?([-+]?[\d.]+)\)?)?", t)
+    if m:
+        try:
+            x = Fraction(m.group(1)) / Fraction(m.group(2) or 1)
+            return str(x)
+        except (ValueError, ZeroDivisionError):
+            pass
+    return " ".join(s.split())
+
+
+def load_eval_set(path):
+    """A jsonl of {"question": str, "answer": str} records."""
+    out = []
+    for lineno, rec in _read_jsonl(path):
+        if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
+            raise DataError(f"{path}:{lineno}: an eval record needs 'question' and 'answer'")
+        out.append({"question": str(rec["question"]), "answer": str(rec["answer"])})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Shards: python data.py prepare
+
+MAGIC, VERSION, HEADER_BYTES = 250924945, 1, 64  # magic: the paper's arXiv id
+SHARD_TOKENS = 1 << 28  # at most 1 GiB of tokens per shard; a shard holds whole documents
+
+
+def _check_input(path):
+    if not os.path.isfile(path):
+        raise DataError(f"input {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"input {path} is empty")
+    if not path.endswith((".jsonl", ".txt", ".parquet")):
+        raise DataError(f"input {path}: unsupported format; use .jsonl, .txt or .parquet")
+
+
+def _read_jsonl(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line")
+
+
+def _read_records(path, field):
+    """Yield (location, value) for every document of an input file."""
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            yield path, f.read()
+    elif path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"reading {path} needs pyarrow: pip install pyarrow (or convert it to .jsonl)")
+        table = pq.read_table(path)
+        if field not in table.column_names:
+            raise DataError(f"{path} has no column '{field}' (columns: {table.column_names}); pick one with --field")
+        for row, value in enumerate(table.column(field).to_pylist()):
+            yield f"{path} row {row}", value
+    else:
+        for lineno, rec in _read_jsonl(path):
+            if not isinstance(rec, dict) or field not in rec:
+                raise DataError(f"{path}:{lineno}: no field '{field}'; pick the document field with --field")
+            yield f"{path}:{lineno}", rec[field]
+
+
+def _detect_field_and_kind(path, field):
+    """Default field: `messages` when the first jsonl record has it (and no `text`), else `text`.
+    The kind follows the first value: a string is a text document, a list is a chat conversation."""
+    if field is None:
+        first = next(_read_jsonl(path), (0, None))[1] if path.endswith(".jsonl") else None
+        field = "messages" if isinstance(first, dict) and "messages" in first and "text" not in first else "text"
+    value = next(_read_records(path, field), (None, None))[1]
+    return field, "chat" if isinstance(value, list) else "text"
+
+
+class _ShardWriter:
+    """Streams one input file's documents into part files of at most SHARD_TOKENS tokens."""
+
+    def __init__(self, prefix, enc, kind):
+        self.prefix, self.enc, self.kind, self.parts, self.f = prefix, enc, kind, [], None
+
+    def add(self, ids, mask=None):
+        if self.f is None or (self.n and self.n + len(ids) > SHARD_TOKENS):
+            self.close()
+            name = f"{self.prefix}_{len(self.parts):04d}"
+            self.parts.append((name, []))
+            self.f, self.n = open(name + ".bin", "wb"), 0
+            self.f.write(b"\0" * HEADER_BYTES)
+            self.mf = open(name + ".mask", "wb") if self.kind == "chat" else None
+        np.asarray(ids, dtype=np.uint32).tofile(self.f)
+        if self.mf:
+            np.asarray(mask, dtype=np.uint8).tofile(self.mf)
+        self.parts[-1][1].append(len(ids))
+        self.n += len(ids)
+
+    def close(self):
+        if self.f is not None:
+            self.f.seek(0)  # the header goes in last: it says how many tokens follow
+            np.array([MAGIC, VERSION, self.enc.n_vocab, self.n, int(self.enc.fingerprint, 16), 0, 0, 0],
+                     dtype="<u8").tofile(self.f)
+            self.f.close()
+            if self.mf:
+                self.mf.close()
+            self.f = None
+
+
+def _tokenize_file(job):
+    """Worker: tokenize one input file into part files; returns [(part path, doc lengths)]."""
+    path, prefix, field, kind, tokenizer = job
+    enc = get_tokenizer(tokenizer)
+    writer = _ShardWriter(prefix, enc, kind)
+    for loc, value in _read_records(path, field):
+        if kind == "text":
+            if not isinstance(value, str):
+                raise DataError(f"{loc}: field '{field}' is not a string, but this source is text")
+            writer.add([bos_id(enc)] + enc.encode_ordinary(value))
+        else:
+            if not isinstance(value, list):
+                raise DataError(f"{loc}: field '{field}' is not a list of messages, but this source is chat")
+            try:
+                writer.add(*render_chat(value, enc))
+            except DataError as e:
+                raise DataError(f"{loc}: {e}")
+    writer.close()
+    if not writer.parts:
+        raise DataError(f"input {path} holds no documents")
+    return writer.parts
+
+
+def _check_shard(path, meta, n_tokens):
+    """A shard's header and size must agree with meta.json, else one line saying how to repair it."""
+    fix = f"re-run `python data.py prepare --source {meta['source']} ...` to rebuild it"
+    size = os.path.getsize(path) if os.path.isfile(path) else -1
+    if size < HEADER_BYTES:
+        raise DataError(f"{path} is missing or truncated; {fix}")
+    magic, version, vocab, n, fp = np.fromfile(path, dtype="<u8", count=5)
+    if magic != MAGIC or version != VERSION:
+        raise DataError(f"{path} is not a format-{VERSION} token shard (bad magic/version); {fix}")
+    if f"{int(fp):016x}" != meta["tokenizer_fingerprint"] or vocab != meta["vocab_size"]:
+        raise DataError(f"{path} was made with another tokenizer than {meta['tokenizer']} of its meta.json; {fix}")
+    if n != n_tokens or size != HEADER_BYTES + 4 * n:
+        raise DataError(f"{path} is truncated: header says {n} tokens, meta.json {n_tokens}, "
+                        f"the file holds {(size - HEADER_BYTES) // 4}; {fix}")
+    mask = path[:-4] + ".mask"
+    if meta["kind"] == "chat" and (not os.path.isfile(mask) or os.path.getsize(mask) != n):
+        raise DataError(f"{mask} is missing or truncated; {fix}")
+
+
+def _read_meta(folder):
+    path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def prepare(source, inputs, out_dir, tokenizer="llama3", field=None, workers=None):
+    """Tokenize input files into DIR/SOURCE; skips the work when the same inputs are already there."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", source):
+        raise DataError(f"source name {source!r}: use letters, digits, '-', '_' or '.'")
+    for path in inputs:
+        _check_input(path)
+    enc = get_tokenizer(tokenizer)
+    field, kind = _detect_field_and_kind(inputs[0], field)
+    folder = os.path.join(out_dir, source)
+    stamp = [{"path": os.path.abspath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+             for p, st in ((p, os.stat(p)) for p in inputs)]
+    old = _read_meta(folder)
+    if old is not None:
+        if old["tokenizer_fingerprint"] != enc.fingerprint:
+            raise DataError(f"{folder} holds tokens of tokenizer {old['tokenizer']}, not {tokenizer}: one source, one "
+                            f"tokenizer; pick another --source name or --out folder, or delete {folder}")
+        if old["inputs"] == stamp and old["field"] == field:
+            try:
+                for s in old["shards"]:
+                    _check_shard(os.path.join(folder, s["file"]), old, s["n_tokens"])
+                print(f"{folder} is up to date ({old['n_tokens']:,} tokens); nothing to do")
+                return old
+            except DataError:
+                pass  # damaged: rebuild below
+    # Build in a hidden temporary folder and rename it into place when complete: an interrupted run
+    # leaves no folder with a meta.json, so nothing half-written looks prepared.
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".{source}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        jobs = [(p, os.path.join(tmp, f"part_{i:05d}"), field, kind, tokenizer) for i, p in enumerate(inputs)]
+        workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+        bar = tqdm(total=len(jobs), desc=f"prepare {source}", unit="file", disable=None)
+        parts = []
+        with multiprocessing.Pool(workers) if workers > 1 else _InProcess() as pool:
+            for result in pool.imap(_tokenize_file, jobs):  # in input order: identical output for any --workers
+                parts += result
+                bar.update()
+        bar.close()
+        docs, shards = [], []
+        for k, (part, lengths) in enumerate(parts):
+            os.rename(part + ".bin", os.path.join(tmp, f"shard_{k:05d}.bin"))
+            if kind == "chat":
+                os.rename(part + ".mask", os.path.join(tmp, f"shard_{k:05d}.mask"))
+            lengths = np.asarray(lengths, dtype=np.int64)
+            starts = np.cumsum(lengths) - lengths
+            docs.append(np.stack([np.full_like(lengths, k), starts, lengths], axis=1))
+            shards.append({"file": f"shard_{k:05d}.bin", "n_tokens": int(lengths.sum())})
+        docs = np.concatenate(docs)
+        np.save(os.path.join(tmp, "docs.npy"), docs)
+        meta = dict(source=source, kind=kind, field=field, tokenizer=tokenizer, tokenizer_fingerprint=enc.fingerprint,
+                    vocab_size=enc.n_vocab, bos_id=bos_id(enc), pad_id=pad_id(enc), n_tokens=int(docs[:, 2].sum()),
+                    n_docs=len(docs), format_version=VERSION, shards=shards, inputs=stamp)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.exists(folder):
+            trash = os.path.join(out_dir, f".{source}.old-{os.getpid()}")
+            os.rename(folder, trash)
+            shutil.rmtree(trash)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{folder}: {meta['n_docs']:,} {kind} documents, {meta['n_tokens']:,} tokens")
+    return meta
+
+
+class _InProcess:
+    """Stands in for a Pool when --workers is 1 (and keeps tests free of process start-up)."""
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+    def imap(self, fn, jobs): return map(fn, jobs)
+
+
+class Source:
+    """A prepared source, memory-mapped: tokens of document d are tokens(d)."""
+
+    def __init__(self, folder):
+        meta = _read_meta(folder)
+        if meta is None:
+            raise DataError(f"{folder} is not a prepared source (no meta.json); run `python data.py prepare`")
+        self.name, self.meta, self.kind, self.n_tokens = meta["source"], meta, meta["kind"], meta["n_tokens"]
+        self.tokens, self.masks = [], []
+        for s in meta["shards"]:
+            path = os.path.join(folder, s["file"])
+            _check_shard(path, meta, s["n_tokens"])
+            self.tokens.append(np.memmap(path, dtype=np.uint32, mode="r", offset=HEADER_BYTES, shape=(s["n_tokens"],)))
+            if self.kind == "chat":
+                self.masks.append(np.memmap(path[:-4] + ".mask", dtype=np.uint8, mode="r", shape=(s["n_tokens"],)))
+        self.docs = np.load(os.path.join(folder, "docs.npy"), mmap_mode="r")
+        if len(self.docs) != meta["n_docs"]:
+            raise DataError(f"{folder}/docs.npy does not match meta.json; re-run `python data.py prepare "
+                            f"--source {self.name} ...`")
+
+    def doc(self, d):
+        shard, start, length = self.docs[d]
+        tokens = self.tokens[shard][start:start + length]
+        return tokens, (self.masks[shard][start:start + length] if self.kind == "chat" else None)
+
+
+# -----------------------------------------------------------------------------
+# Mixtures (RECIPE section 5) and the sampler
+
+# Table: data mixtures, percent of sampled tokens (RECIPE section 5). None = not in that phase.
+# source: unique tokens (billions, pre-training table), pretrain phase 1, phase 2, midtrain phase 1, phase 2
+MIXTURE_TABLE = {
+    "starcoder":            (263.8, 10.66, 0.52, 6.90, 9.70),
+    "openwebmath":          (12.6, 6.93, 23.33, None, None),
+    "fineweb-edu":          (1300, 63.75, 54.83, None, None),
+    "wiki":                 (3.7, 5.03, 0.14, 2.66, 0.47),
+    "arxiv":                (28, 6.36, 1.32, None, None),
+    "stackexchange":        (19.6, 5.03, 0.86, 2.12, 2.00),
+    "algebraic-stack":      (12.6, 2.25, 1.26, None, None),
+    "nemotron-science":     (2, None, 0.03, None, None),
+    "nemotron-code":        (16, None, 0.72, 20.69, 29.10),
+    "nemotron-math":        (15, None, 3.01, None, None),
+    "cosmopedia":           (25, None, 2.70, None, None),
+    "natural-reasoning":    (1.8, None, 3.18, None, None),
+    "finemath-3plus":       (34, None, 8.01, None, None),
+    "pes2o":                (50, None, 0.08, 11.41, 2.01),
+    "dclm":                 (None, None, None, 37.03, 6.51),
+    "flan":                 (None, None, None, 4.10, 0.72),
+    "dolmino-math":         (None, None, None, 11.63, 29.10),
+    "nemotron-cc-math":     (None, None, None, 3.45, 19.40),
+    "benchmark-train-sets": (None, None, None, 0.0, 0.97),  # TriviaQA, OBQA, NQ, PIQA, GSM8K, BoolQ, ARC-E/C
+}
+PHASES = ("pretrain-phase1", "pretrain-phase2", "midtrain-phase1", "midtrain-phase2")
+PRESETS = {phase: {name: row[1 + i] for name, row in MIXTURE_TABLE.items() if row[1 + i]}
+           for i, phase in enumerate(PHASES)}
+# Not from the paper: the laptop run's two pre-training sources (toydata.py), mostly worked traces.
+PRESETS["toy"] = {"toy-traces": 0.75, "toy-facts": 0.25}
+
+
+def resolve_mixture(data_dir, mixture, renormalize=False):
+    """A preset name or "a=0.7,b=0.3" -> {source: weight} over prepared sources, weights summing to 1."""
+    if "=" in mixture:
+        weights = {}
+        for item in mixture.split(","):
+            name, _, w = (part.strip() for part in item.partition("="))
+            try:
+                w = float(w)
+            except ValueError:
+                raise DataError(f"mixture item {item!r} has no numeric weight; write NAME=WEIGHT,NAME=WEIGHT")
+            if not (w > 0 and np.isfinite(w)):
+                raise DataError(f"mixture weight {name}={w:g} must be positive; leave a source out instead")
+            if name in weights:
+                raise DataError(f"mixture names source {name} twice")
+            weights[name] = w
+    elif mixture in PRESETS:
+        weights = dict(PRESETS[mixture])
+    else:
+        raise DataError(f"unknown mixture {mixture!r}: use a preset ({', '.join(PRESETS)}) or NAME=WEIGHT,NAME=WEIGHT")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data folder {data_dir} does not exist; prepare sources into it with `python data.py prepare`")
+    missing = [name for name in weights if _read_meta(os.path.join(data_dir, name)) is None]
+    if missing:
+        msg = f"mixture {mixture} names sources not prepared in {data_dir}: {', '.join(missing)}"
+        if not renormalize or len(missing) == len(weights):
+            raise DataError(f"{msg}; prepare them with `python data.py prepare --source NAME ...`"
+                            + ("" if renormalize else ", or renormalize over the prepared ones (--renormalize)"))
+        print(f"warning: {msg}; renormalizing the weights over the other sources", file=sys.stderr)
+        weights = {name: w for name, w in weights.items() if name not in missing}
+    total = sum(weights.values())
+    return {name: w / total for name, w in weights.items()}
+
+
+class MixtureSampler:
+    """Training rows of seq_len + 1 tokens from a weighted mixture of prepared sources.
+
+    Global row i of the stream is a deterministic function of (seed, i); the rows of each round of
+    world_size rows are dealt to ranks 0..W-1, so rank r serves rows r, r+W, r+2W, ... and a global batch
+    is the same set of rows whatever W is. Every rank runs the cheap bookkeeping of all rows and reads
+    only its own, so all ranks hold the same state after each batch (saving rank 0's is enough, and a
+    run may resume on another number of ranks). Within a source, documents follow a seeded permutation
+    per epoch. Text sources: documents are concatenated and the stream is cut into rows (RECIPE section
+    4). Chat sources: whole conversations are packed into a row (a too-long one alone, cropped), the
+    rest padded, with per-token document ids for attention masking and the loss mask of render_chat.
+    """
+
+    def __init__(self, data_dir, mixture, seq_len, batch_size, rank=0, world_size=1, seed=0, renormalize=False):
+        assert 0 <= rank < world_size and seq_len > 0 and batch_size > 0
+        self.mixture = resolve_mixture(data_dir, mixture, renormalize)
+        self.names = list(self.mixture)
+        self.weights = np.array([self.mixture[n] for n in self.names])
+        self.sources = [Source(os.path.join(data_dir, n)) for n in self.names]
+        if len({s.meta["tokenizer_fingerprint"] for s in self.sources}) > 1:
+            used = ", ".join(f"{s.name} ({s.meta['tokenizer']})" for s in self.sources)
+            raise DataError(f"the sources of a mixture must share one tokenizer: {used}; prepare all with one")
+        meta = self.sources[0].meta
+        self.tokenizer, self.vocab_size, self.pad_id = meta["tokenizer"], meta["vocab_size"], meta["pad_id"]
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.row = 0  # next global row
+        self.rows = np.zeros(len(self.sources), dtype=np.int64)  # rows served per source
+        self.chat_pos = [[0, 0] for _ in self.sources]  # chat sources: (epoch, next conversation in its permutation)
+        self._perms = {}
+
+    def _epoch(self, s, e):
+        """Source s's document permutation in epoch e and the end offset of each document in that order."""
+        if (s, e) not in self._perms:
+            src = self.sources[s]
+            # keyed by the source name, so adding a source to the mixture leaves the others' orders alone
+            perm = np.random.default_rng([self.seed, zlib.crc32(src.name.encode()), e]).permutation(len(src.docs))
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != s or k[1] >= e - 1}
+            self._perms[(s, e)] = perm, np.cumsum(src.docs[perm, 2])
+        return self._perms[(s, e)]
+
+    def _advance(self):
+        """Schedule the next global row: choose its source, move that source's pointer, return a ticket
+        from which any rank can read the row."""
+        # Token-weighted mixing (RECIPE section 4). The official loader draws each row's source at random
+        # with probability = weight. We give the row to the source furthest behind its target, weight *
+        # rows: the zero-variance version of that draw. A source is chosen only while behind, so it is
+        # never a row ahead, hence never more than (sources - 1) rows behind (about one in practice); as
+        # every row holds seq_len + 1 tokens, token shares match the weights to ~1/rows whatever the
+        # document lengths, where random draws over 20,000 rows wander ~0.3% (one std) per source.
+        s = int(np.argmax(self.weights * (self.row + 1) - self.rows))
+        if self.sources[s].kind == "text":
+            ticket = (s, int(self.rows[s]))
+        else:
+            e, pos = self.chat_pos[s]
+            perm, ends = self._epoch(s, e)
+            start = ends[pos - 1] if pos else 0
+            # as many whole conversations as fit in seq_len + 1 tokens; at least one (cropped if too long)
+            n = max(int(np.searchsorted(ends, start + self.seq_len + 1, side="right")) - pos, 1)
+            ticket = (s, e, pos, n)
+            self.chat_pos[s] = [e + 1, 0] if pos + n == len(perm) else [e, pos + n]
+        self.rows[s] += 1
+        self.row += 1
+        return ticket
+
+    def _text_row(self, s, k):
+        """Row k of text source s: tokens k*(seq_len+1) ... of its endless, epoch-by-epoch permuted stream."""
+        src, n = self.sources[s], self.seq_len + 1
+        out, filled = np.empty(n, dtype=np.uint32), 0
+        e, offset = divmod(k * n, src.n_tokens)
+        while filled < n:
+            if offset == src.n_tokens:
+                e, offset = e + 1, 0
+            perm, ends = self._epoch(s, e)
+            j = int(np.searchsorted(ends, offset, side="right"))
+            tokens, _ = src.doc(perm[j])
+            skip = offset - (ends[j] - len(tokens))
+            take = min(len(tokens) - skip, n - filled)
+            out[filled:filled + take] = tokens[skip:skip + take]
+            filled, offset = filled + take, offset + take
+        return out, None, None
+
+    def _chat_row(self, s, e, pos, count):
+        src, n = self.sources[s], self.seq_len + 1
+        perm, _ = self._epoch(s, e)
+        docs = [src.doc(d) for d in perm[pos:pos + count]]
+        tokens = np.concatenate([t for t, _ in docs])[:n]
+        mask = np.concatenate([m for _, m in docs])[:n].astype(bool)
+        doc_ids = np.concatenate([np.full(len(t), i, dtype=np.int32) for i, (t, _) in enumerate(docs)])[:n]
+        pad = n - len(tokens)  # padding: pad id, no loss, its own document id so it attends to no conversation
+        return (np.concatenate([tokens, np.full(pad, self.pad_id, dtype=np.uint32)]),
+                np.concatenate([mask, np.zeros(pad, dtype=bool)]),
+                np.concatenate([doc_ids, np.full(pad, count, dtype=np.int32)]))
+
+    def next_batch(self):
+        """(x, y, doc_ids) for this rank: x, y LongTensors (B, seq_len), y = -100 where not supervised;
+        doc_ids (B, seq_len) int32 when the mixture has a chat source (text rows: all 0), else None."""
+        mine = []
+        for _ in range(self.batch_size):
+            for r in range(self.world_size):
+                ticket = self._advance()
+                if r == self.rank:
+                    mine.append(ticket)
+        rows = [self._text_row(*t) if len(t) == 2 else self._chat_row(*t) for t in mine]
+        tokens = np.stack([t for t, _, _ in rows]).astype(np.int64)
+        x, y = torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(tokens[:, 1:].copy())
+        for i, (_, mask, _) in enumerate(rows):
+            if mask is not None:
+                y[i, torch.from_numpy(~mask[1:])] = -100
+        if all(s.kind == "text" for s in self.sources):
+            return x, y, None
+        doc_ids = np.zeros(tokens.shape, dtype=np.int32)
+        for i, (_, _, ids) in enumerate(rows):
+            if ids is not None:
+                doc_ids[i] = ids
+        return x, y, torch.from_numpy(doc_ids[:, :-1].copy())
+
+    def skip_rows(self, n):
+        """Advance the global stream by n rows without reading them (python data.py mix)."""
+        for _ in range(n):
+            self._advance()
+
+    @property
+    def served(self):
+        """Tokens served per source so far, all ranks together (chat rows count their padding)."""
+        return {name: int(r) * (self.seq_len + 1) for name, r in zip(self.names, self.rows)}
+
+    def total_tokens(self):
+        """Unique tokens of the mixture's sources (one epoch of each)."""
+        return sum(src.n_tokens for src in self.sources)
+
+    def epochs(self):
+        """Passes over each source's unique tokens so far (the paper resamples ~2T unique tokens to 4.2T)."""
+        out = {}
+        for s, (name, src) in enumerate(zip(self.names, self.sources)):
+            if src.kind == "text":
+                out[name] = float(self.rows[s] * (self.seq_len + 1) / src.n_tokens)
+            else:
+                e, pos = self.chat_pos[s]
+                out[name] = e + (float(self._epoch(s, e)[1][pos - 1] / src.n_tokens) if pos else 0.0)
+        return out
+
+    def state_dict(self):
+        return {"row": self.row, "rows": dict(zip(self.names, self.rows.tolist())),
+                "chat_pos": {n: list(p) for n, p in zip(self.names, self.chat_pos)}, "mixture": self.mixture,
+                "seq_len": self.seq_len, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        saved = state["mixture"]
+        same_mixture = list(saved) == self.names and np.allclose(list(saved.values()), self.weights)
+        if not same_mixture or state["seq_len"] != self.seq_len or state["seed"] != self.seed:
+            raise DataError("the data state in this checkpoint was saved for another mixture, seq_len or seed; "
+                            "resume with the same data settings, or start a new stage without it")
+        self.row = state["row"]
+        self.rows = np.array([state["rows"][n] for n in self.names], dtype=np.int64)
+        self.chat_pos = [list(state["chat_pos"][n]) for n in self.names]
+
+
+def measure_throughput(sampler, n_batches=20):
+    """Sampler speed in input tokens per second (bench.py): next_batch() n_batches times."""
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        sampler.next_batch()
+    return n_batches * sampler.batch_size * sampler.seq_len / (time.perf_counter() - t0)
+
+
+def mixture_report(sampler, rows):
+    """What `rows` more global rows of this sampler serve: per source tokens, share, weight, epochs."""
+    sampler.skip_rows(rows)
+    served, epochs = sampler.served, sampler.epochs()
+    total = sum(served.values())
+    return {name: {"tokens": served[name], "share": served[name] / total, "weight": sampler.mixture[name],
+                   "epochs": epochs[name]} for name in sampler.names}
+
+
+# -----------------------------------------------------------------------------
+# The embedded toy corpus: python data.py toy
+
+TOY_DIR = "data/toy"
+
+
+def _write_jsonl(path, records):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_toy(out_dir=TOY_DIR, seed=0):
+    """Generate the synthetic reasoning corpus (toydata.py) and prepare it with the toy tokenizer:
+    text sources (toy-traces, toy-facts), chat sources (toy-sft), and DIR/eval.jsonl. The raw jsonl
+    stays in DIR/raw for reading. DIR/toy.json and DIR/eval.jsonl, written last, mark a complete corpus;
+    calling it again with the same seed does nothing."""
+    marker = os.path.join(out_dir, "toy.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            info = json.load(f)
+        if info["seed"] == seed and os.path.isfile(os.path.join(out_dir, "eval.jsonl")) and \
+                all(_read_meta(os.path.join(out_dir, name)) for name in info["sources"]):
+            print(f"{out_dir} holds the toy corpus of seed {seed}; nothing to do")
+            return info
+        os.remove(marker)
+    try:
+        import toydata
+    except ImportError as e:
+        raise DataError(f"the toy corpus generator toydata.py cannot be imported ({e}); it belongs next to data.py")
+    corpus = toydata.generate(seed)
+    raw = os.path.join(out_dir, "raw")
+    os.makedirs(raw, exist_ok=True)
+    sources = {}
+    for key, field in (("text_sources", "text"), ("chat_sources", "messages")):
+        for name, docs in corpus[key].items():
+            sources[name] = os.path.join(raw, f"{name}.jsonl")
+            _write_jsonl(sources[name], ({field: d} for d in docs))
+    for name, path in sources.items():
+        prepare(name, [path], out_dir, tokenizer="toy", workers=1)
+    info = {"seed": seed, "sources": list(sources), "n_eval": len(corpus["eval"])}
+    _write_jsonl(marker, [info])
+    _write_jsonl(os.path.join(out_dir, "eval.jsonl"), corpus["eval"])  # last: its presence means complete
+    return info
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenize files into DIR/SOURCE")
+    p.add_argument("--source", required=True, help="source name, e.g. fineweb-edu (the mixture tables' names)")
+    p.add_argument("--input", required=True, nargs="+", help=".jsonl, .txt (one document per file) or .parquet files")
+    p.add_argument("--out", default="data", help="data folder")
+    p.add_argument("--tokenizer", default="llama3", help="llama3, toy, a tokenizer.model, or a tokenizer.json folder")
+    p.add_argument("--field", default=None, help="jsonl/parquet field (default: text, or messages for chat jsonl)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU, at most one per file)")
+    p = sub.add_parser("toy", help="write the embedded synthetic reasoning corpus")
+    p.add_argument("--out", default=TOY_DIR, help="data folder")
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p = sub.add_parser("mix", help="show what a mixture serves")
+    p.add_argument("--data", default="data", help="data folder")
+    p.add_argument("--mixture", required=True, help=f"preset ({', '.join(PRESETS)}) or NAME=WEIGHT,NAME=WEIGHT")
+    p.add_argument("--rows", type=int, default=20_000, help="global rows to serve")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per row, plus one")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--renormalize", action="store_true", help="drop sources that are not prepared, with a warning")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            prepare(args.source, args.input, args.out, args.tokenizer, args.field, args.workers)
+        elif args.command == "toy":
+            write_toy(args.out, args.seed)
+        else:
+            sampler = MixtureSampler(args.data, args.mixture, args.seq_len, 1, seed=args.seed,
+                                     renormalize=args.renormalize)
+            report = mixture_report(sampler, args.rows)
+            if args.json:
+                print(json.dumps(report, indent=1))
+            else:
+                print(f"{'source':<22}{'tokens':>16}{'share':>9}{'weight':>9}{'epochs':>10}")
+                for name, r in report.items():
+                    print(f"{name:<22}{r['tokens']:>16,}{r['share']:>9.2%}{r['weight']:>9.2%}{r['epochs']:>10.3f}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,514 @@
+"""Tests for data.py: tokenizers against Hugging Face `tokenizers`, the chat format, shards, and the
+MixtureSampler's shares, determinism, resumption and rank split. Hermetic: everything in tmp_path."""
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+from data import DataError  # noqa: E402
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. I'm sure they'll say WE'VE done it, didn't we?",
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n\nprint(fib(10))\n",
+    "1234567890 3.14159 -42 2025-09-30 1,000,000 0x1F 12345678901234567890",
+    "héllo wörld, naïve café; 日本語のテキスト, Ελληνικά, русский, עברית,\n🎉🚀 emoji 👩‍👩‍👧",
+    "a   b\t\t c\n\n\n  d    \r\n\r\n e\u00a0f \u2003 g  \n",
+    "<think>\n7+5+0=12\n</think>\n\\boxed{1,234}  x^2 + y_1 = \\frac{a}{b}",
+    "", " ", "\n", "    leading and trailing    ",
+]
+
+
+def random_texts(n, seed=0):
+    """Random strings mixing ASCII, digits, whitespace runs, accents, CJK and emoji."""
+    rng = random.Random(seed)
+    pools = ["abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789", " \t\n\r",
+             "'.,;:!?()[]{}<>/\\|-_=+*&^%$#@\"", "éèàüößçñøå", "日本語中文한국어", "😀🎉🚀👍", "ΑΒΓαβγжзи"]
+    return ["".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 80))) for _ in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers
+
+@pytest.fixture(scope="module")
+def llama():
+    if data.importlib.util.find_spec("llama_models") is None:
+        pytest.skip("llama-models is not installed (requirements-dev.txt)")
+    return data.get_tokenizer("llama3")
+
+
+@pytest.fixture(scope="module")
+def hf_llama(llama):
+    """The Hugging Face `tokenizers` implementation built from the same ranks by transformers'
+    TikTokenConverter (its ranks reader is swapped for ours: tiktoken's would write a cache file)."""
+    TikTokenConverter = pytest.importorskip("transformers.convert_slow_tokenizer").TikTokenConverter
+
+    class Converter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(path):
+            return data._read_tiktoken_ranks(path)
+
+    package = os.path.dirname(data.importlib.util.find_spec("llama_models").origin)
+    model_file = os.path.join(package, "llama3", "tokenizer.model")
+    converter = Converter(vocab_file=model_file, pattern=data.LLAMA3_PATTERN, extra_special_tokens=data.LLAMA3_SPECIALS)
+    return converter.converted()
+
+
+def test_llama3_special_ids(llama):
+    # RECIPE section 3
+    assert llama.n_vocab == 128_256
+    assert [data.bos_id(llama), data.eot_id(llama), data.pad_id(llama)] == [128000, 128009, 128004]
+    assert [llama.encode_single_token(t) for t in ("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                                   "<|eom_id|>", "<|python_tag|>", "<|reserved_special_token_247|>")] \
+        == [128001, 128006, 128007, 128008, 128010, 128255]
+    assert data.stop_ids(llama) == [128001, 128008, 128009]
+    assert len(llama.encode_ordinary("<think>")) == 3 and len(llama.encode_ordinary("</think>")) == 3
+
+
+def test_llama3_matches_hf_tokenizers(llama, hf_llama):
+    texts = TEXTS + random_texts(300)
+    hf = [e.ids for e in hf_llama.encode_batch(texts, add_special_tokens=False)]
+    assert [llama.encode_ordinary(t) for t in texts] == hf
+    specials = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi 123<|eot_id|><|finetune_right_pad_id|>"
+    assert llama.encode(specials, allowed_special="all") == hf_llama.encode(specials, add_special_tokens=False).ids
+    assert llama.decode(llama.encode_ordinary(TEXTS[3])) == TEXTS[3]
+
+
+def test_tokenizer_json_route_matches_model_route(llama, hf_llama, tmp_path):
+    hf_llama.save(str(tmp_path / "tokenizer.json"))  # what a released checkpoint folder carries
+    from_json = data.get_tokenizer(str(tmp_path))
+    assert from_json.n_vocab == llama.n_vocab and from_json.fingerprint == llama.fingerprint
+    texts = TEXTS + random_texts(100, seed=1)
+    assert [from_json.encode_ordinary(t) for t in texts] == [llama.encode_ordinary(t) for t in texts]
+    assert data.stop_ids(from_json) == data.stop_ids(llama)
+
+
+def test_llama3_missing_package_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    data.get_tokenizer.cache_clear()
+    with pytest.raises(DataError, match="pip install --no-deps llama-models"):
+        data.get_tokenizer("llama3")
+    monkeypatch.undo()
+    data.get_tokenizer.cache_clear()
+    with pytest.raises(DataError, match="no tokenizer at"):
+        data.get_tokenizer("/nonexistent/tokenizer.model")
+
+
+def test_toy_tokenizer():
+    enc = data.get_tokenizer("toy")
+    assert enc.n_vocab == 272 and enc.name == "toy"
+    assert [data.bos_id(enc), data.pad_id(enc), data.eot_id(enc)] == [256, 260, 265]
+    assert data.stop_ids(enc) == [257, 264, 265]
+    for t in TEXTS + random_texts(50):
+        assert enc.encode_ordinary(t) == list(t.encode("utf-8")) and enc.decode(enc.encode_ordinary(t)) == t
+    assert enc.encode_ordinary("<|eot_id|>") == list(b"<|eot_id|>")  # text that spells a special stays text
+
+
+# -----------------------------------------------------------------------------
+# Chat format and answers
+
+CONVERSATION = [{"role": "system", "content": data.DEFAULT_SYSTEM_PROMPT},
+                {"role": "user", "content": "What is 12+30?"},
+                {"role": "assistant", "content": "<think>\n2+0=2\n1+3=4\n</think>\n\\boxed{42}"},
+                {"role": "user", "content": "And <|eot_id|> twice?"},
+                {"role": "assistant", "content": "\\boxed{84}"}]
+
+
+@pytest.mark.parametrize("name", ["toy", "llama3"])
+def test_render_chat(name, request):
+    enc = request.getfixturevalue("llama") if name == "llama3" else data.get_tokenizer(name)
+    ids, mask = data.render_chat(CONVERSATION, enc)
+    assert len(ids) == len(mask) and ids[0] == data.bos_id(enc) and ids[-1] == data.eot_id(enc)
+    expected = "<|begin_of_text|>" + "".join(
+        f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in CONVERSATION)
+    assert enc.decode(ids) == expected
+    assert ids.count(data.eot_id(enc)) == len(CONVERSATION)  # the user's "<|eot_id|>" text is not the token
+    supervised = enc.decode([t for t, m in zip(ids, mask) if m])
+    assert supervised == "".join(m["content"] + "<|eot_id|>" for m in CONVERSATION if m["role"] == "assistant")
+    prompt, pmask = data.render_chat(CONVERSATION[:2], enc, add_generation_prompt=True)
+    assert enc.decode(prompt).endswith("What is 12+30?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert not any(pmask)
+    with pytest.raises(DataError, match="role"):
+        data.render_chat([{"role": "robot", "content": "x"}], enc)
+
+
+def test_extract_boxed_and_normalize_answer():
+    assert data.extract_boxed("so \\boxed{1} and then \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
+    assert data.extract_boxed("no answer") is None
+    assert data.extract_boxed("\\boxed{12") is None
+    n = data.normalize_answer
+    assert n("1,000") == n("1000") == n("1000.0") == n(" $1000$ ") == n("1 000")
+    assert n("0.5") == n("\\frac{1}{2}") == n("1/2") == n("\\dfrac{2}{4}")
+    assert n("-3") != n("3") and n("42") != n("4.2")
+    assert n("  x +   1 ") == "x + 1"
+
+
+def test_load_eval_set(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    path.write_text('{"question": "1+1", "answer": 2}\n\n{"question": "2+2", "answer": "4"}\n')
+    assert data.load_eval_set(str(path)) == [{"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": "4"}]
+    path.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2"}\n')
+    with pytest.raises(DataError, match="eval.jsonl:2"):
+        data.load_eval_set(str(path))
+
+
+# -----------------------------------------------------------------------------
+# Shards
+
+def other_tokenizer(tmp_path):
+    """A second tokenizer, built in the test: a tiktoken ranks file of the 256 bytes (+ Llama-3 specials)."""
+    path = tmp_path / "other.model"
+    path.write_text("".join(f"{data.base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    return str(path)
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def test_prepare_text(tmp_path):
+    enc = data.get_tokenizer("toy")
+    docs = ["first document", "second one\nwith two lines", "ünïcödé ✓"]
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": d, "id": i} for i, d in enumerate(docs)])
+    (tmp_path / "b.txt").write_text("a whole file\n\nis one document\n")
+    out = str(tmp_path / "out")
+    meta = data.prepare("web", [a, str(tmp_path / "b.txt")], out, "toy", workers=1)
+    assert (meta["kind"], meta["n_docs"], meta["tokenizer"], meta["vocab_size"]) == ("text", 4, "toy", 272)
+    src = data.Source(os.path.join(out, "web"))
+    for d, text in enumerate(docs + ["a whole file\n\nis one document\n"]):
+        tokens, mask = src.doc(d)
+        assert tokens.tolist() == [data.bos_id(enc)] + enc.encode_ordinary(text) and mask is None
+    n_a = sum(len(enc.encode_ordinary(t)) + 1 for t in docs)  # one shard per input file
+    assert meta["n_tokens"] == n_a + 1 + len("a whole file\n\nis one document\n")
+    header = np.fromfile(os.path.join(out, "web", "shard_00000.bin"), dtype="<u8", count=5)
+    assert header.tolist() == [data.MAGIC, data.VERSION, 272, n_a, int(enc.fingerprint, 16)]
+    assert sorted(os.listdir(out)) == ["web"]  # no temporary folder left behind
+
+
+def test_prepare_rerun_workers_and_tokenizer_guard(tmp_path, capsys):
+    files = [write_jsonl(tmp_path / f"f{i}.jsonl", [{"text": f"doc {i}.{j} " * (j + 1)} for j in range(20)])
+             for i in range(3)]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    data.prepare("s", files, one, "toy", workers=1)
+    data.prepare("s", files, two, "toy", workers=2)  # a process pool: same bytes as in-process
+    for name in sorted(os.listdir(os.path.join(one, "s"))):
+        with open(os.path.join(one, "s", name), "rb") as f1, open(os.path.join(two, "s", name), "rb") as f2:
+            assert f1.read() == f2.read(), name
+    before = os.stat(os.path.join(one, "s", "meta.json")).st_mtime_ns
+    capsys.readouterr()
+    data.prepare("s", files, one, "toy", workers=1)
+    assert "up to date" in capsys.readouterr().out
+    assert os.stat(os.path.join(one, "s", "meta.json")).st_mtime_ns == before
+    with pytest.raises(DataError, match="one source, one tokenizer"):
+        data.prepare("s", files, one, other_tokenizer(tmp_path), workers=1)
+    data.prepare("s", files[:2], one, "toy", workers=1)  # other inputs: rebuilt in place
+    assert data.Source(os.path.join(one, "s")).meta["n_docs"] == 40
+
+
+def test_prepare_chat(tmp_path):
+    enc = data.get_tokenizer("toy")
+    convs = [CONVERSATION, CONVERSATION[1:3]]
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": c} for c in convs])
+    meta = data.prepare("sft", [path], str(tmp_path), "toy", workers=1)
+    assert (meta["kind"], meta["field"], meta["n_docs"]) == ("chat", "messages", 2)
+    src = data.Source(str(tmp_path / "sft"))
+    for d, conv in enumerate(convs):
+        ids, mask = data.render_chat(conv, enc)
+        tokens, stored_mask = src.doc(d)
+        assert tokens.tolist() == ids and stored_mask.astype(bool).tolist() == mask
+
+
+def test_prepare_bad_inputs(tmp_path):
+    out = str(tmp_path / "out")
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}] * 3)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"content": "no text field"}])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="does not exist"):
+        data.prepare("s", [str(tmp_path / "missing.jsonl")], out, "toy")
+    with pytest.raises(DataError, match="is empty"):
+        data.prepare("s", [str(tmp_path / "empty.jsonl")], out, "toy")
+    with pytest.raises(DataError, match="bad.jsonl:2: no field 'text'"):
+        data.prepare("s", [good, bad], out, "toy", workers=1)
+    assert not os.path.exists(out) or os.listdir(out) == []  # nothing half-written left behind
+    with pytest.raises(DataError, match="not a list of messages"):
+        data.prepare("s", [write_jsonl(tmp_path / "chat.jsonl", [{"messages": []}, {"messages": "oops"}])], out, "toy")
+    parquet = tmp_path / "x.parquet"
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"text": ["from parquet"]}), str(parquet))
+        assert data.prepare("pq", [str(parquet)], out, "toy")["n_docs"] == 1
+    except ImportError:
+        parquet.write_bytes(b"PAR1")
+        with pytest.raises(DataError, match="needs pyarrow"):
+            data.prepare("pq", [str(parquet)], out, "toy")
+
+
+def test_damaged_shards_fail_loudly(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "some text " * 10}] * 5)
+    data.prepare("toy-src", [path], str(tmp_path), "toy")
+    data.prepare("other-src", [path], str(tmp_path), other_tokenizer(tmp_path))
+    shard = tmp_path / "toy-src" / "shard_00000.bin"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-4])
+    with pytest.raises(DataError, match="shard_00000.bin is truncated.*`python data.py prepare --source toy-src"):
+        data.Source(str(tmp_path / "toy-src"))
+    shard.write_bytes((tmp_path / "other-src" / "shard_00000.bin").read_bytes())
+    with pytest.raises(DataError, match="made with another tokenizer"):
+        data.Source(str(tmp_path / "toy-src"))
+    data.prepare("toy-src", [path], str(tmp_path), "toy")  # re-running prepare repairs it
+    assert shard.read_bytes() == good
+    with pytest.raises(DataError, match="share one tokenizer"):
+        data.MixtureSampler(str(tmp_path), "toy-src=1,other-src=1", 8, 2)
+
+
+# -----------------------------------------------------------------------------
+# MixtureSampler
+
+@pytest.fixture(scope="module")
+def mixdir(tmp_path_factory):
+    """Three toy sources of very different document lengths, each with its own alphabet so a row's
+    source can be told from its tokens: short (1-4 letters of abc), long (200-600 of xyz), chat."""
+    root = tmp_path_factory.mktemp("mix")
+    rng = random.Random(0)
+    short = [{"text": "".join(rng.choice("abc") for _ in range(rng.randint(1, 4)))} for _ in range(400)]
+    long = [{"text": "".join(rng.choice("xyz") for _ in range(rng.randint(200, 600)))} for _ in range(20)]
+    chat = [{"messages": [{"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": "7" * rng.choice([1, 5, 20, 90])}]} for i in range(60)]
+    for name, recs in (("short", short), ("long", long), ("chat", chat)):
+        data.prepare(name, [write_jsonl(root / f"{name}.jsonl", recs)], str(root / "data"), "toy", workers=1)
+    return str(root / "data")
+
+
+def row_source(row):
+    letters = set(bytes(t for t in row if t < 256).decode())
+    return "long" if letters & set("xyz") else "short" if letters & set("abc") else "chat"
+
+
+def full_rows(x, y):
+    return torch.cat([x, y[:, -1:].clamp(min=0)], dim=1)  # last target only to tell sources apart
+
+
+def test_token_shares_match_weights(mixdir):
+    weights = {"short": 0.5, "long": 0.3, "chat": 0.2}
+    sampler = data.MixtureSampler(mixdir, ",".join(f"{k}={v}" for k, v in weights.items()), seq_len=7, batch_size=100)
+    counts = {k: 0 for k in weights}
+    for _ in range(200):  # 20,000 rows
+        x, y, doc_ids = sampler.next_batch()
+        assert x.shape == y.shape == doc_ids.shape == (100, 7)
+        assert x.dtype == y.dtype == torch.long and doc_ids.dtype == torch.int32
+        for row in x.tolist():
+            counts[row_source(row)] += 1
+    served = sampler.served
+    for k, w in weights.items():
+        assert abs(counts[k] / 20_000 - w) < 0.01 and served[k] == counts[k] * 8
+        assert abs(served[k] / sum(served.values()) - w) < 0.01
+
+
+def test_resume_continues_the_exact_stream(mixdir):
+    make = lambda: data.MixtureSampler(mixdir, "short=2,long=1,chat=1", seq_len=32, batch_size=3, seed=7)
+    a = make()
+    for _ in range(5):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))  # plain JSON types: fits any checkpoint format
+    expected = [a.next_batch() for _ in range(6)]
+    b = make()
+    b.load_state_dict(state)
+    for want in expected:
+        got = b.next_batch()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    c = data.MixtureSampler(mixdir, "short=2,long=1,chat=1", seq_len=32, batch_size=3, seed=8)
+    assert not torch.equal(c.next_batch()[0], make().next_batch()[0])  # the seed matters
+    with pytest.raises(DataError, match="another mixture"):
+        c.load_state_dict(state)
+
+
+def test_ranks_split_the_global_stream(mixdir):
+    mix = "short=1,long=1,chat=1"
+    single = data.MixtureSampler(mixdir, mix, seq_len=16, batch_size=4)
+    ranks = [data.MixtureSampler(mixdir, mix, seq_len=16, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    for step in range(8):
+        if step == 4:  # resume the 2-rank run from the 1-rank run's state: the stream is world-size free
+            for r in ranks:
+                r.load_state_dict(single.state_dict())
+        whole = single.next_batch()
+        parts = [r.next_batch() for r in ranks]
+        assert ranks[0].state_dict() == ranks[1].state_dict()
+        for i in range(3):  # global rows 0, 1, 2, 3 of the batch: ranks 0, 1, 0, 1
+            interleaved = torch.stack([parts[j % 2][i][j // 2] for j in range(4)])
+            assert torch.equal(interleaved, whole[i])
+        assert not torch.equal(parts[0][0], parts[1][0])
+
+
+def test_text_rows_are_the_permuted_concatenation(mixdir):
+    sampler = data.MixtureSampler(mixdir, "long=1", seq_len=63, batch_size=10)
+    src = sampler.sources[0]
+    stream = []
+    while len(stream) < 2 * src.n_tokens:
+        x, y, doc_ids = sampler.next_batch()
+        assert doc_ids is None and (y >= 0).all()
+        stream += full_rows(x, y).flatten().tolist()
+    for epoch in range(2):
+        perm, _ = sampler._epoch(0, epoch)
+        expected = np.concatenate([src.doc(d)[0] for d in perm]).tolist()
+        assert stream[epoch * src.n_tokens:(epoch + 1) * src.n_tokens] == expected
+    assert sampler._epoch(0, 0)[0].tolist() != sampler._epoch(0, 1)[0].tolist()  # reshuffled each epoch
+    assert sampler.epochs()["long"] == pytest.approx(sampler.served["long"] / src.n_tokens)
+
+
+def test_chat_rows_pack_whole_conversations(mixdir):
+    seq_len = 100  # conversations of 28-117 tokens: some rows hold several, some one cropped
+    sampler = data.MixtureSampler(mixdir, "chat=1", seq_len=seq_len, batch_size=1)
+    src = sampler.sources[0]
+    order = sampler._epoch(0, 0)[0]  # the epoch's conversations, in the order they are packed
+    pad = data.pad_id(data.get_tokenizer("toy"))
+    k = 0
+    while sampler.chat_pos[0][0] == 0:  # one epoch
+        x, y, doc_ids = sampler.next_batch()
+        row, ids = full_rows(x, y)[0].tolist(), doc_ids[0].tolist()
+        supervised = [False] + (y[0] != -100).tolist()  # row position i is a target of position i - 1
+        assert ids == sorted(ids) and ids[0] == 0
+        for d in range(ids[-1] + 1):
+            positions = [i for i, v in enumerate(ids) if v == d]
+            tokens = [row[i] for i in positions]
+            if tokens[0] == pad:  # the padding, its own document: no loss
+                assert set(tokens) == {pad} and not any(supervised[i] for i in positions)
+                continue
+            if positions[-1] == seq_len - 1 and row[-1] != pad:  # the row's last token (a target only)
+                positions, tokens = positions + [seq_len], tokens + [row[-1]]
+            conv, mask = (a.tolist() for a in src.doc(order[k]))
+            k += 1
+            # whole conversations in order; a too-long one alone in its row, cropped
+            assert tokens == conv or (d == 0 and len(tokens) == seq_len + 1 and tokens == conv[:seq_len + 1])
+            assert [supervised[i] for i in positions[1:]] == [bool(m) for m in mask[1:len(positions)]]
+    assert k == len(order) and sampler.epochs()["chat"] == 1.0
+
+
+def test_chat_loss_mask_on_assistant_tokens(mixdir):
+    sampler = data.MixtureSampler(mixdir, "chat=1", seq_len=200, batch_size=2)
+    enc = data.get_tokenizer("toy")
+    x, y, doc_ids = sampler.next_batch()
+    for b in range(2):
+        targets = [t for t in y[b].tolist() if t != -100]
+        text = enc.decode(targets)
+        assert set(text.replace("<|eot_id|>", "")) == {"7"} and text.endswith("<|eot_id|>")
+
+
+def test_presets_and_bad_mixtures(mixdir, tmp_path, capsys):
+    assert sum(data.PRESETS["pretrain-phase1"].values()) == pytest.approx(100, abs=0.02)
+    assert len(data.PRESETS["pretrain-phase1"]) == 7 and len(data.PRESETS["pretrain-phase2"]) == 14
+    assert "benchmark-train-sets" not in data.PRESETS["midtrain-phase1"]
+    assert data.PRESETS["midtrain-phase2"]["benchmark-train-sets"] == 0.97
+    assert all(name == name.lower() and " " not in name for name in data.MIXTURE_TABLE)
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "trace"}] * 4)
+    data.prepare("toy-traces", [path], str(tmp_path), "toy")
+    with pytest.raises(DataError, match="not prepared in .*: toy-facts"):
+        data.MixtureSampler(str(tmp_path), "toy", 8, 2)
+    capsys.readouterr()
+    sampler = data.MixtureSampler(str(tmp_path), "toy", 8, 2, renormalize=True)
+    assert sampler.mixture == {"toy-traces": 1.0} and "warning" in capsys.readouterr().err
+    for bad, msg in [("short=0", "must be positive"), ("short=-1,long=1", "must be positive"), ("short=x", "numeric"),
+                     ("short=1,nosuch=1", "not prepared.*nosuch"), ("nosuch", "unknown mixture"),
+                     ("short=1,short=2", "twice")]:
+        with pytest.raises(DataError, match=msg):
+            data.MixtureSampler(mixdir, bad, 8, 2)
+    assert data.measure_throughput(data.MixtureSampler(mixdir, "short=1,long=1", 64, 4), 3) > 0
+
+
+def test_write_toy_with_a_generator(tmp_path, monkeypatch, capsys):
+    """write_toy's contract with toydata.py: generate(seed) -> text_sources, chat_sources, eval."""
+    def generate(seed):
+        rng = random.Random(seed)
+        qs = [f"{rng.randint(100, 999)}+{rng.randint(100, 999)}" for _ in range(30)]
+        sft = [[{"role": "user", "content": q}, {"role": "assistant", "content": str(eval(q))}] for q in qs[:20]]
+        traces = [f"{q}=\\boxed{{{eval(q)}}}" for q in qs[:20]]
+        return {"text_sources": {"toy-traces": traces, "toy-facts": ["7*8=56"] * 5},
+                "chat_sources": {"toy-sft": sft},
+                "eval": [{"question": q, "answer": str(eval(q))} for q in qs[20:]]}
+    monkeypatch.setitem(sys.modules, "toydata", types.SimpleNamespace(generate=generate))
+    out = str(tmp_path / "toy")
+    data.write_toy(out, seed=3)
+    assert len(data.load_eval_set(os.path.join(out, "eval.jsonl"))) == 10
+    assert data.Source(os.path.join(out, "toy-sft")).kind == "chat"
+    sampler = data.MixtureSampler(out, "toy", seq_len=16, batch_size=2)
+    assert sampler.tokenizer == "toy" and sampler.vocab_size == 272
+    capsys.readouterr()
+    data.write_toy(out, seed=3)
+    assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_write_toy_with_toydata(tmp_path):
+    """The real generator (toydata.py) end to end: the toy preset and the SFT set are servable, and no
+    eval question appears in the training data."""
+    toydata = pytest.importorskip("toydata")
+    if not hasattr(toydata, "generate"):
+        pytest.skip("toydata.generate(seed) not written yet")
+    out = str(tmp_path / "toy")
+    info = data.write_toy(out, seed=0)
+    assert {"toy-traces", "toy-facts", "toy-sft"} <= set(info["sources"])
+    x, y, doc_ids = data.MixtureSampler(out, "toy", seq_len=256, batch_size=4).next_batch()
+    assert doc_ids is None and x.max() < 272
+    x, y, doc_ids = data.MixtureSampler(out, "toy-sft=1", seq_len=256, batch_size=4).next_batch()
+    assert doc_ids is not None and (y != -100).any()
+    questions = {r["question"] for r in data.load_eval_set(os.path.join(out, "eval.jsonl"))}
+    corpus = "".join(open(os.path.join(out, "raw", f"{name}.jsonl")).read() for name in info["sources"])
+    leaked = [q for q in questions if re.search(r"(?<!\w)" + re.escape(json.dumps(q)[1:-1]) + r"(?!\w)", corpus)]
+    assert questions and not leaked
+
+
+# -----------------------------------------------------------------------------
+# The command line: one line `error: ...`, exit code 2, no traceback
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_mix_json(mixdir):
+    r = run_cli("mix", "--data", mixdir, "--mixture", "short=3,long=1", "--rows", "1000", "--seq-len", "7", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert set(report) == {"short", "long"} and set(report["short"]) == {"tokens", "share", "weight", "epochs"}
+    assert report["short"]["tokens"] == 750 * 8 and report["long"]["weight"] == 0.25
+
+
+@pytest.mark.parametrize("case", ["missing", "no-field", "truncated", "bad-weight", "other-tokenizer"])
+def test_cli_errors(case, tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "hello"}] * 3)
+    prep = ["prepare", "--source", "s", "--out", str(tmp_path), "--tokenizer", "toy", "--input"]
+    mix = ["mix", "--data", str(tmp_path), "--rows", "10", "--mixture"]
+    if case in ("truncated", "bad-weight", "other-tokenizer"):
+        data.prepare("s", [good], str(tmp_path), "toy")
+    if case == "truncated":
+        shard = tmp_path / "s" / "shard_00000.bin"
+        shard.write_bytes(shard.read_bytes()[:-8])
+    args = {"missing": prep + [str(tmp_path / "nope.jsonl")], "no-field": prep + [good, "--field", "body"],
+            "truncated": mix + ["s=1"], "bad-weight": mix + ["s=-0.5"],
+            "other-tokenizer": prep[:-2] + [other_tokenizer(tmp_path), "--input", good]}[case]
+    with pytest.raises(SystemExit) as exit:
+        data.main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert {"missing": "nope.jsonl does not exist", "no-field": "good.jsonl:1: no field 'body'",
+            "truncated": "is truncated", "bad-weight": "must be positive",
+            "other-tokenizer": "one source, one tokenizer"}[case] in lines[0]
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    r = run_cli("prepare", "--source", "s", "--input", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: input {tmp_path / 'nope.jsonl'} does not exist"]

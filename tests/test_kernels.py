@@ -1,0 +1,286 @@
+"""Tests for kernels.py against float64 naive references. Small shapes and small tiles (block_q,
+block_k of a few positions) exercise the tiling, the online softmax and the tile skipping cheaply."""
+import os
+import re
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels  # noqa: E402
+
+
+def naive_attention(q, k, v, causal, doc_ids):
+    """Written independently of kernels.py: repeated K/V, full score matrix, float64 softmax."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    G = H // k.shape[1]
+    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    scores = q.double() @ k.transpose(-1, -2) / D**0.5
+    allowed = torch.ones(B, T, S, dtype=torch.bool)
+    for i in range(T):
+        for j in range(S):
+            if causal and j > S - T + i:
+                allowed[:, i, j] = False
+            if doc_ids is not None:
+                allowed[:, i, j] &= doc_ids[:, S - T + i] == doc_ids[:, j]
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def packed_doc_ids(B, S, lengths_per_row):
+    rows = []
+    for lengths in lengths_per_row:
+        ids = torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)])
+        assert len(ids) == S
+        rows.append(ids)
+    return torch.stack(rows)[:B]
+
+
+def make_qkv(B, H, KV, T, S, D, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, KV, S, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, KV, S, D, generator=g, dtype=torch.float64)
+    return [x.to(dtype).requires_grad_() for x in (q, k, v)]
+
+
+def check_against_naive(run, q, k, v, causal, doc_ids, atol, rtol=0.0):
+    """Forward and grads of q, k, v against the float64 reference on the same (rounded) inputs."""
+    out = run(q, k, v, causal, doc_ids)
+    dout = torch.randn_like(out, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))
+    refs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_out = naive_attention(*refs, causal, doc_ids)
+    ref_grads = torch.autograd.grad(ref_out, refs, dout)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert g.dtype == q.dtype, name
+        torch.testing.assert_close(g.double(), r, atol=atol, rtol=rtol, msg=f"grad {name}")
+
+
+def fused_small_tiles(q, k, v, causal, doc_ids):
+    return kernels.fused_attention(q, k, v, causal, doc_ids, block_q=8, block_k=8)
+
+
+def sdpa(q, k, v, causal, doc_ids):
+    return kernels.attention(q, k, v, causal, doc_ids, backend="sdpa")
+
+
+# (B, H, KV, T, S, causal, doc layout per batch row or None)
+CASES = {
+    "odd-length causal": (1, 2, 2, 37, 37, True, None),
+    "gqa-3 non-causal": (2, 6, 2, 21, 21, False, None),
+    "packed docs, len-1 docs": (2, 4, 2, 29, 29, True, [[1, 1, 7, 1, 19], [29]]),
+    "query tile inside one doc": (1, 3, 1, 40, 40, True, [[3, 34, 3]]),
+    "docs non-causal": (1, 4, 1, 23, 23, False, [[5, 1, 10, 7]]),
+    "kv-cache T<S": (2, 4, 2, 5, 29, True, None),
+    "kv-cache with docs": (1, 6, 3, 11, 33, True, [[20, 1, 12]]),
+    "single decode query": (1, 2, 1, 1, 19, True, [[4, 15]]),
+}
+
+
+@pytest.mark.parametrize("run", [fused_small_tiles, sdpa], ids=["fused", "sdpa"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_attention_matches_naive_float64(run, case):
+    B, H, KV, T, S, causal, docs = case
+    doc_ids = packed_doc_ids(B, S, docs) if docs else None
+    q, k, v = make_qkv(B, H, KV, T, S, 16)
+    check_against_naive(run, q, k, v, causal, doc_ids, atol=1e-10)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 5, 6])
+def test_fused_gqa_groups(groups):
+    q, k, v = make_qkv(1, 2 * groups, 2, 19, 19, 8, seed=groups)
+    doc_ids = packed_doc_ids(1, 19, [[6, 2, 11]])
+    check_against_naive(fused_small_tiles, q, k, v, True, doc_ids, atol=1e-10)
+
+
+def test_fused_arbitrary_doc_ids():
+    # ids that are neither sorted nor contiguous: tile ranges overlap without any shared document
+    g = torch.Generator().manual_seed(3)
+    doc_ids = torch.randint(0, 3, (2, 27), generator=g, dtype=torch.int32)
+    doc_ids[:, 8:16] = torch.tensor([0, 2, 0, 2, 0, 2, 0, 2])
+    q, k, v = make_qkv(2, 4, 2, 27, 27, 8)
+    for causal in (True, False):
+        check_against_naive(fused_small_tiles, q, k, v, causal, doc_ids, atol=1e-10)
+
+
+def test_fused_rectangular_tiles_and_default_tiles():
+    q, k, v = make_qkv(1, 3, 3, 45, 45, 8)
+    doc_ids = packed_doc_ids(1, 45, [[13, 1, 31]])
+    run = lambda *a: kernels.fused_attention(*a, block_q=16, block_k=5)  # noqa: E731
+    check_against_naive(run, q, k, v, True, doc_ids, atol=1e-10)
+    check_against_naive(kernels.fused_attention, q, k, v, True, doc_ids, atol=1e-10)
+
+
+def test_fused_float32_and_bfloat16():
+    q, k, v = make_qkv(2, 6, 2, 33, 33, 16, dtype=torch.float32)
+    doc_ids = packed_doc_ids(2, 33, [[10, 23], [1, 31, 1]])
+    check_against_naive(fused_small_tiles, q, k, v, True, doc_ids, atol=2e-5, rtol=1e-5)
+    q, k, v = make_qkv(2, 6, 2, 33, 33, 16, dtype=torch.bfloat16)
+    check_against_naive(fused_small_tiles, q, k, v, True, doc_ids, atol=3e-2, rtol=2e-2)
+
+
+def test_float32_math_under_autocast():
+    # autocast must not push the kernels' float32 matmuls down to bfloat16
+    q, k, v = make_qkv(1, 4, 2, 20, 20, 16, dtype=torch.float32)
+    doc_ids = packed_doc_ids(1, 20, [[9, 11]])
+    hidden, weight, targets = loss_inputs((12,), 16, 40, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        check_against_naive(fused_small_tiles, q, k, v, True, doc_ids, atol=2e-5, rtol=1e-5)
+        loss = kernels.linear_cross_entropy(hidden, weight, targets, chunk_size=5)
+    torch.testing.assert_close(loss.double(), naive_ce(hidden.detach(), weight.detach(), targets, "mean"))
+
+
+def test_tile_plan_skips_masked_tiles():
+    # 4 aligned documents of 16 tokens, tiles of 8: per document 3 live tiles of the 2x2 causal
+    # block (one unmasked), nothing across documents.
+    doc_ids = packed_doc_ids(1, 64, [[16, 16, 16, 16]])
+    plan = kernels._tile_plan(64, 64, True, doc_ids, 8, 8)
+    live = [(i, j, masked) for i, row in enumerate(plan) for j, masked in row]
+    assert len(live) == 4 * 3
+    assert all(i // 2 == j // 2 and j <= i for i, j, _ in live)
+    assert [(i, j) for i, j, masked in live if not masked] == [(1, 0), (3, 2), (5, 4), (7, 6)]
+    # causal only: the lower triangle, diagonal tiles masked; the KV-cache offset shifts it
+    plan = kernels._tile_plan(64, 64, True, None, 8, 8)
+    assert sum(len(row) for row in plan) == 8 * 9 // 2
+    plan = kernels._tile_plan(8, 64, True, None, 8, 8)
+    assert plan == [[(j, j == 7) for j in range(8)]]
+
+
+def test_backend_switch_and_auto_choice(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "fused_attention", lambda *a: calls.append("fused"))
+    monkeypatch.setattr(kernels, "sdpa_attention", lambda *a: calls.append("sdpa"))
+    q, k, v = make_qkv(1, 2, 1, 4, 4, 8)
+    doc_ids = torch.zeros(1, 4, dtype=torch.long)
+    kernels.attention(q, k, v)
+    kernels.attention(q, k, v, doc_ids=doc_ids)
+    assert calls == ["sdpa", "fused"]
+    with kernels.use_backend("sdpa"):
+        kernels.attention(q, k, v, doc_ids=doc_ids)
+        with kernels.use_backend("fused"):
+            kernels.attention(q, k, v)
+        kernels.attention(q, k, v, doc_ids=doc_ids, backend="fused")  # an explicit argument wins
+    kernels.attention(q, k, v)
+    assert calls[2:] == ["sdpa", "fused", "fused", "sdpa"]
+    kernels.set_backend("fused")
+    try:
+        kernels.attention(q, k, v)
+    finally:
+        kernels.set_backend(None)
+    assert calls[-1] == "fused" and kernels._forced_backend is None
+    with pytest.raises(ValueError):
+        kernels.set_backend("flash")
+    with pytest.raises(ValueError):
+        kernels.attention(q, k, v, backend="flash")
+    with pytest.raises(ValueError):
+        kernels.attention(q, k[:, :, :2], v[:, :, :2])  # fewer keys than queries
+
+
+def test_no_triton_import():
+    source = open(kernels.__file__).read()
+    assert not re.search(r"^\s*(import|from)\s+triton", source, re.M)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def naive_ce(hidden, weight, targets, reduction):
+    logits = hidden.double() @ weight.double().T
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1), reduction=reduction)
+
+
+def loss_inputs(shape, d, V, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (torch.randn(V, d, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, shape, generator=g)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_size", [3, None])
+def test_linear_cross_entropy_matches_naive(dtype, tol, reduction, chunk_size):
+    hidden, weight, targets = loss_inputs((3, 7), 12, 50, dtype)
+    targets[0, :4] = -100
+    targets[2, 6] = -100
+    loss = kernels.linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=chunk_size)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = naive_ce(h64, w64, targets, reduction)
+    ref_grads = torch.autograd.grad(ref, (h64, w64))
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref, atol=tol, rtol=tol)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), r, atol=tol, rtol=tol)
+    assert (grads[0][0, :4] == 0).all()  # ignored positions pass no gradient
+
+
+def test_linear_cross_entropy_none_reduction_custom_ignore_and_bf16():
+    hidden, weight, targets = loss_inputs((10,), 8, 30, torch.float64)
+    targets[3] = 7
+    per_row = kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=7, reduction="none", chunk_size=4)
+    ref = F.cross_entropy(hidden @ weight.T, targets, ignore_index=7, reduction="none")
+    torch.testing.assert_close(per_row, ref)
+    hb, wb, tb = loss_inputs((2, 9), 16, 40, torch.bfloat16)
+    loss = kernels.linear_cross_entropy(hb, wb, tb, chunk_size=5)
+    loss.backward()
+    ref = naive_ce(hb.detach(), wb.detach(), tb, "mean")  # same bf16 inputs, float64 math
+    torch.testing.assert_close(loss.double(), ref, atol=1e-2, rtol=1e-2)
+    assert hb.grad.dtype == torch.bfloat16 and torch.isfinite(wb.grad.float()).all()
+
+
+def test_linear_cross_entropy_all_ignored_is_zero():
+    hidden, weight, targets = loss_inputs((2, 3), 4, 10, torch.float32)
+    targets.fill_(-100)
+    loss = kernels.linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
+def naive_distill(sh, sw, th, tw, mask, temperature, reduction):
+    log_ps = F.log_softmax((sh.double() @ sw.double().T) / temperature, -1)
+    log_pt = F.log_softmax((th.double() @ tw.double().T) / temperature, -1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1) * temperature**2
+    kl = kl[mask] if mask is not None else kl.reshape(-1)
+    return kl.sum() if reduction == "sum" else kl.mean()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("reduction,temperature,use_mask", [("mean", 1.0, True), ("sum", 2.0, False), ("mean", 0.5, False)])
+def test_distill_loss_matches_naive(dtype, tol, reduction, temperature, use_mask):
+    sh, sw, _ = loss_inputs((2, 6), 10, 40, dtype, seed=0)
+    th, tw, _ = loss_inputs((2, 6), 14, 40, dtype, seed=1)  # teacher of another width
+    th.requires_grad_(False)
+    tw.requires_grad_(False)
+    mask = torch.tensor([[1, 1, 0, 1, 0, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool) if use_mask else None
+    loss = kernels.distill_loss(sh, sw, th, tw, mask, temperature, reduction, chunk_size=4)
+    grads = torch.autograd.grad(loss, (sh, sw))
+    s64 = [x.detach().double().requires_grad_() for x in (sh, sw)]
+    ref = naive_distill(*s64, th, tw, mask, temperature, reduction)
+    ref_grads = torch.autograd.grad(ref, s64)
+    torch.testing.assert_close(loss.double(), ref, atol=tol, rtol=tol)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=tol, rtol=tol)
+    if use_mask:
+        assert (grads[0][~mask] == 0).all()
+
+
+def test_distill_into_identical_copy_is_zero_and_teacher_gets_no_grad():
+    sh, sw, _ = loss_inputs((3, 5), 8, 30, torch.float32)
+    th, tw = sh.detach().clone().requires_grad_(), sw.detach().clone().requires_grad_()
+    loss = kernels.distill_loss(sh, sw, th, tw, temperature=2.0, chunk_size=4)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert (sh.grad == 0).all() and (sw.grad == 0).all()
+    assert th.grad is None and tw.grad is None
+    per_pos = kernels.distill_loss(sh, sw, th * 2, tw, reduction="none")
+    assert per_pos.shape == (3, 5) and (per_pos > 0).all()

@@ -1,0 +1,344 @@
+"""train.py: schedule, resume to the bit, DDP equals accumulation, distillation, clean stops, user errors.
+
+Every run uses the `toy` model on a tiny hermetic corpus prepared here with the toy tokenizer, a few
+optimizer steps of 64-token rows, in-process where possible (one torch import for the whole file).
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import train  # noqa: E402
+from model import MobileLLM, ModelConfig  # noqa: E402
+
+# One intra-op thread: these models are tiny, and on a shared 2-core machine more threads only wait
+# on each other (3x slower measured). The torchrun and signal tests' subprocesses use one too.
+torch.set_num_threads(1)
+
+TINY = ["--size", "toy", "--seq-len", "64", "--batch-size", "2", "--total-batch-tokens", "256",
+        "--lr", "1e-3", "--warmup-steps", "2", "--device", "cpu", "--log-every", "1", "--eval-batches", "1"]
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A text source, a chat source (user + assistant with a trace, ~50 tokens) and eval.jsonl."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    problems = [(rng.randint(100, 999), rng.randint(100, 999)) for _ in range(300)]
+    write_jsonl(root / "text.jsonl", [{"text": f"{a}+{b}={a + b}\n{b}+{a}={a + b}"} for a, b in problems])
+    chats = [{"messages": [{"role": "user", "content": f"{a}+{b}"},
+                           {"role": "assistant", "content": f"<think>\n{a}+{b}\n</think>\n\\boxed{{{a + b}}}"}]}
+             for a, b in problems]
+    write_jsonl(root / "chat.jsonl", chats)
+    out = root / "data"
+    data.prepare("arith", [str(root / "text.jsonl")], str(out), tokenizer="toy", workers=1)
+    data.prepare("arith-chat", [str(root / "chat.jsonl")], str(out), tokenizer="toy", workers=1)
+    write_jsonl(out / "eval.jsonl", [{"question": f"{a}+{b}", "answer": str(a + b)} for a, b in problems[:4]])
+    return out
+
+
+def run(*argv):
+    """train.main in-process; returns the exit code (0 when it returns normally)."""
+    try:
+        train.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def pretrain(corpus, out, *extra):
+    return run(*TINY, "--data", corpus, "--mixture", "arith=1", "--out-dir", out, *extra)
+
+
+def test_lr_schedule_warmup_and_decay_shapes():
+    from argparse import Namespace
+    args = Namespace(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, decay="linear")
+    assert train.lr_at(0, args) == pytest.approx(0.1)
+    assert train.lr_at(9, args) == pytest.approx(1.0)
+    assert train.lr_at(60, args) == pytest.approx(0.55)  # halfway down the linear decay
+    assert train.lr_at(110, args) == pytest.approx(0.1)
+    args.decay = "cosine"
+    assert train.lr_at(60, args) == pytest.approx(0.55)  # cosine also passes the midpoint there
+    assert train.lr_at(35, args) > 0.55 + 0.2  # but stays higher early on
+    args.warmup_steps, args.min_lr_ratio = 0.1, 0.0  # a fraction of max_steps: 11 steps
+    assert train.lr_at(10, args) == pytest.approx(1.0)
+    assert train.lr_at(110, args) == pytest.approx(0.0)
+
+
+def test_stage_defaults_follow_the_recipe():
+    args = train.parse_args(["--stage", "sft", "--long-context", "--data", "d", "--out-dir", "o", "--init-from", "x"])
+    assert (args.lr, args.warmup_steps, args.min_lr_ratio, args.weight_decay, args.seq_len) == (8e-5, 0.1, 0, 0, 32768)
+    args = train.parse_args(["--stage", "pretrain", "--size", "140m", "--data", "d", "--out-dir", "o", "--lr", "1e-3"])
+    assert (args.lr, args.warmup_steps, args.min_lr_ratio, args.weight_decay) == (1e-3, 2000, 0.1, 0.1)
+    assert args.total_batch_tokens == 4 * 2**20  # 128 GPUs x 16 x 2048
+
+
+def test_run_writes_checkpoint_metrics_and_log(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(corpus, out, "--max-steps", 3, "--eval-every", 2) == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["tokens"] == 256 and set(rows[0]["served"]) == {"arith"}
+    assert "eval_loss" in rows[1] and "eval_loss" in rows[2] and "eval_loss" not in rows[0]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    log = (out / "log.txt").read_text()
+    assert "versions: python" in log and "hardware:" in log and "memory/device est." in log
+    model, tokenizer, meta = train.load_model(out)
+    assert tokenizer == "toy" and meta["step"] == 3 and meta["stage"] == "pretrain"
+    ckpt = torch.load(train.latest_checkpoint(out), weights_only=True)
+    assert {"model", "optimizer", "step", "sampler", "rng", "config", "args", "tokenizer", "stage"} <= set(ckpt)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_load_model_refuses_foreign_or_mismatched_files(corpus, tmp_path):
+    from model import ModelError
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ModelError, match="foreign.pt"):
+        train.load_model(tmp_path / "foreign.pt")
+    (tmp_path / "ckpt_0000001.pt").write_bytes(b"truncated")
+    with pytest.raises(ModelError, match="ckpt_0000001.pt"):
+        train.load_model(tmp_path)
+    with pytest.raises(ModelError, match="no checkpoint"):
+        train.load_model(tmp_path / "nowhere")
+
+
+def test_resume_continues_bit_for_bit(corpus, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert pretrain(corpus, full, "--max-steps", 6, "--save-every", 3, "--keep-last", 5) == 0
+    # A run stopped after step 3: its checkpoint of step 3 and the records up to then.
+    part.mkdir()
+    os.link(full / "ckpt_0000003.pt", part / "ckpt_0000003.pt")
+    (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics(full)[:3]))
+    assert pretrain(corpus, part, "--max-steps", 6, "--save-every", 3, "--resume") == 0
+    assert [r["loss"] for r in metrics(part)] == [r["loss"] for r in metrics(full)]
+    a = torch.load(full / "ckpt_0000006.pt", weights_only=True)["model"]
+    b = torch.load(part / "ckpt_0000006.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_activation_checkpointing_gives_the_same_losses(corpus, tmp_path):
+    assert pretrain(corpus, tmp_path / "plain", "--max-steps", 2) == 0
+    assert pretrain(corpus, tmp_path / "ckpt", "--max-steps", 2, "--activation-checkpointing") == 0
+    for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+
+
+def test_keep_last_prunes_old_checkpoints(corpus, tmp_path):
+    assert pretrain(corpus, tmp_path, "--max-steps", 4, "--save-every", 1, "--keep-last", 2) == 0
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+
+
+def test_sigint_saves_at_step_boundary_and_resume_matches(corpus, tmp_path):
+    flags = [*TINY, "--data", corpus, "--mixture", "arith=1", "--max-steps", 20, "--seq-len", 32,
+             "--batch-size", 1, "--total-batch-tokens", 32, "--save-every", 1000]
+    stopped, full = tmp_path / "stopped", tmp_path / "full"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags), "--out-dir", str(stopped)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    output = line + proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, output
+    assert "stopped by signal" in output
+    step = torch.load(train.latest_checkpoint(stopped), weights_only=True)["step"]
+    assert 3 <= step < 20
+    assert run(*flags, "--out-dir", stopped, "--resume") == 0
+    assert run(*flags, "--out-dir", full) == 0
+    assert [r["loss"] for r in metrics(stopped)] == [r["loss"] for r in metrics(full)]
+
+
+def test_nonfinite_loss_stops_before_the_step_and_keeps_the_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    forward = train.TrainLoss.forward
+
+    def poisoned(self, x, y, doc_ids=None):
+        calls["n"] += 1
+        loss, ce, kd = forward(self, x, y, doc_ids)
+        return (loss * float("nan"), ce, kd) if calls["n"] > 4 else (loss, ce, kd)  # 2 micro-steps per step
+
+    monkeypatch.setattr(train.TrainLoss, "forward", poisoned)
+    assert pretrain(corpus, tmp_path, "--max-steps", 5, "--save-every", 2) == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err or "nan" in err
+    assert [p.name for p in tmp_path.glob("ckpt_*.pt")] == ["ckpt_0000002.pt"]
+    assert torch.load(tmp_path / "ckpt_0000002.pt", weights_only=True)["step"] == 2
+
+
+def test_sft_trains_on_assistant_tokens_with_document_masks(corpus, tmp_path, monkeypatch):
+    assert pretrain(corpus, tmp_path / "pt", "--max-steps", 1) == 0
+    seen = []
+    forward = MobileLLM.forward
+
+    def spy(self, idx, targets=None, doc_ids=None, **kw):
+        if self.training:
+            seen.append((targets, doc_ids))
+        return forward(self, idx, targets, doc_ids=doc_ids, **kw)
+
+    monkeypatch.setattr(MobileLLM, "forward", spy)
+    out = tmp_path / "sft"
+    assert run(*TINY, "--stage", "sft", "--init-from", tmp_path / "pt", "--data", corpus, "--mixture",
+               "arith-chat=1", "--max-steps", 2, "--long-context", "--seq-len", 128, "--total-batch-tokens", 512,
+               "--out-dir", out) == 0
+    targets, doc_ids = seen[0]
+    assert doc_ids is not None and doc_ids.max() > 0  # several conversations packed in a row
+    assert 0 < (targets != -100).float().mean() < 0.6  # prompts and headers carry no loss
+    rows = metrics(out)
+    assert rows[-1]["supervised_tokens"] < rows[-1]["tokens"] // 2
+    base = ModelConfig.from_size("toy")
+    _, _, meta = train.load_model(out)
+    assert meta["config"]["rope_theta"] == 8 * base.rope_theta  # reasoning SFT: theta x 8
+
+
+def test_sft_epochs_set_the_number_of_steps(corpus, tmp_path):
+    chat_tokens = data.MixtureSampler(str(corpus), "arith-chat=1", 64, 2).total_tokens()
+    assert run(*TINY, "--stage", "sft", "--data", corpus, "--mixture", "arith-chat=1", "--epochs", 0.03,
+               "--out-dir", tmp_path) == 0
+    steps = metrics(tmp_path)[-1]["step"]
+    assert steps == -(-0.03 * chat_tokens // 256) and steps >= 2
+
+
+def save_ours(model, run_dir, tokenizer="toy"):
+    """A checkpoint of ours holding just a model (as a teacher or an init)."""
+    run_dir.mkdir(parents=True)
+    from dataclasses import asdict
+    torch.save({"model": model.state_dict(), "config": asdict(model.config), "tokenizer": tokenizer, "step": 0},
+               run_dir / "ckpt_0000000.pt")
+
+
+def test_distilling_into_a_copy_of_itself_gives_zero_loss_and_gradient(corpus, tmp_path):
+    assert pretrain(corpus, tmp_path / "pt", "--max-steps", 2) == 0
+    out = tmp_path / "mt"
+    assert run(*TINY, "--stage", "midtrain", "--init-from", tmp_path / "pt", "--teacher", tmp_path / "pt",
+               "--data", corpus, "--mixture", "arith=1", "--max-steps", 1, "--out-dir", out) == 0
+    first = metrics(out)[0]
+    assert abs(first["kd"]) < 1e-6 and first["loss"] == first["kd"] and first["grad_norm"] < 1e-5
+    assert first["ce"] > 1.0  # the plain CE is logged too
+    ckpt = torch.load(train.latest_checkpoint(out), weights_only=True)
+    assert not any("teacher" in k for k in ckpt["model"])
+
+
+def test_teacher_with_another_vocabulary_is_refused(corpus, tmp_path, capsys):
+    save_ours(MobileLLM(ModelConfig(**dict(train.asdict(ModelConfig.from_size("toy")), vocab_size=300))),
+              tmp_path / "teacher")
+    code = run(*TINY, "--stage", "midtrain", "--teacher", tmp_path / "teacher", "--data", corpus,
+               "--mixture", "arith=1", "--max-steps", 1, "--out-dir", tmp_path / "mt")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "vocabulary" in err and "\n" not in err
+
+
+def test_init_from_hugging_face_folder_equals_init_from_our_checkpoint(corpus, tmp_path):
+    assert pretrain(corpus, tmp_path / "pt", "--max-steps", 3) == 0
+    model, _, _ = train.load_model(tmp_path / "pt")
+    model.save_hf(tmp_path / "hf")  # what a released MobileLLM-R1 folder looks like
+    sft = [*TINY, "--stage", "sft", "--data", corpus, "--mixture", "arith-chat=1", "--max-steps", 1]
+    assert run(*sft, "--init-from", tmp_path / "hf", "--out-dir", tmp_path / "from-hf") == 0
+    assert run(*sft, "--init-from", tmp_path / "pt", "--out-dir", tmp_path / "from-ours") == 0
+    hf, ours = metrics(tmp_path / "from-hf")[0]["loss"], metrics(tmp_path / "from-ours")[0]["loss"]
+    assert hf == pytest.approx(ours, rel=1e-6)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--size", "huge"], "unknown model size"),
+    (["--mixture", "no-such-preset"], "unknown mixture"),
+    (["--data", "/nonexistent/data"], "does not exist"),
+    (["--total-batch-tokens", "300"], "not a multiple"),
+    (["--size", None], "--size is required"),
+    (["--keep-last", "0"], "--keep-last must be at least 1"),
+])
+def test_bad_input_is_one_line_exit_2(corpus, tmp_path, capsys, flags, message):
+    argv = [*TINY, "--data", corpus, "--mixture", "arith=1", "--max-steps", 1, "--out-dir", tmp_path / "r"]
+    for i in range(0, len(flags), 2):
+        j = argv.index(flags[i]) if flags[i] in argv else None
+        if j is not None:
+            del argv[j:j + 2]
+        if flags[i + 1] is not None:
+            argv += flags[i:i + 2]
+    assert run(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_unknown_stage_exits_2(capsys):
+    assert run("--stage", "pretraining", "--data", "d", "--out-dir", "o") == 2
+
+
+def test_resume_with_other_settings_or_into_a_used_folder_is_refused(corpus, tmp_path, capsys):
+    assert pretrain(corpus, tmp_path, "--max-steps", 1) == 0
+    assert pretrain(corpus, tmp_path, "--max-steps", 1) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert pretrain(corpus, tmp_path, "--max-steps", 2, "--resume") == 2
+    assert "--max-steps 1, now 2" in capsys.readouterr().err
+
+
+def test_init_from_data_of_another_tokenizer_is_refused(corpus, tmp_path, capsys):
+    save_ours(MobileLLM(ModelConfig.from_size("toy")), tmp_path / "init", tokenizer="llama3")
+    code = run(*TINY, "--stage", "sft", "--init-from", tmp_path / "init", "--data", corpus,
+               "--mixture", "arith-chat=1", "--max-steps", 1, "--out-dir", tmp_path / "r")
+    assert code == 2 and "tokenizer" in capsys.readouterr().err
+
+
+def torchrun(nproc, flags, cwd):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *map(str, flags)]
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "midtrain"])
+def test_ddp_two_processes_equal_one_process_with_accumulation(corpus, tmp_path, stage):
+    flags = [*TINY, "--data", corpus, "--max-steps", 3, "--total-batch-tokens", 512]
+    if stage == "midtrain":  # distillation under DDP: a teacher on every rank, outside DDP
+        assert pretrain(corpus, tmp_path / "teacher", "--max-steps", 2) == 0
+        flags += ["--stage", "midtrain", "--teacher", tmp_path / "teacher", "--mixture", "arith-chat=1"]
+    else:
+        flags += ["--mixture", "arith=1"]
+    assert run(*flags, "--out-dir", tmp_path / "one") == 0  # 1 process x 4 micro-steps
+    torchrun(2, [*flags, "--out-dir", tmp_path / "two"], tmp_path)  # 2 processes x 2 micro-steps
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["served"] == a["served"]
+
+
+def test_toy_default_runs_the_whole_pipeline(corpus, tmp_path, monkeypatch, capsys):
+    """`python train.py`: data if missing, pretrain, SFT, held-out accuracy (tiny settings here)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "write_toy", lambda out, seed=0: shutil.copytree(corpus, out, dirs_exist_ok=True))
+    small = dict(max_steps=2, batch_size=2, seq_len=64, total_batch_tokens=128, log_every=1, eval_every=2)
+    monkeypatch.setitem(train.TOY_DEFAULTS, "pretrain", dict(train.TOY_DEFAULTS["pretrain"], mixture="arith=1", **small))
+    monkeypatch.setitem(train.TOY_DEFAULTS, "sft", dict(train.TOY_DEFAULTS["sft"], mixture="arith-chat=1", **small))
+    monkeypatch.setitem(train.TOY_DEFAULTS, "max_new_tokens", 8)
+    assert run() == 0
+    out = capsys.readouterr().out
+    assert "accuracy: " in out and "/4 = " in out  # sample.py --eval's last line
+    assert train.latest_checkpoint("out/toy") is not None and train.latest_checkpoint("out/toy/pretrain") is not None
+    _, _, meta = train.load_model("out/toy")
+    assert meta["stage"] == "sft"
+    assert run() == 2  # a second `python train.py` does not overwrite the first
+    assert "holds an earlier toy run" in capsys.readouterr().err
