@@ -3,7 +3,7 @@ Speed and memory side by side with the reference implementation, in one process,
 weights: warm-up first, then repetitions alternating ours and the reference, median reported.
 
     python bench.py                          # every comparison (~10 minutes on a 2-core CPU)
-    python bench.py --quick                  # fewer repetitions, shorter sequences: ~2 minutes
+    python bench.py --quick                  # one timed repetition, fewer shapes: ~2 minutes
     python bench.py --only attention,loss    # sections whose name contains one of these
     python bench.py --json results.json      # the rows as JSON: name, ours, reference, unit, ratio
     python bench.py --profile --only "train 140m"   # top operators (self CPU time) of both sides
@@ -11,10 +11,11 @@ weights: warm-up first, then repetitions alternating ours and the reference, med
 Sections: train 140m / train toy (forward, backward, clip, AdamW step: ours vs transformers'
 Llama4ForCausalLM with the weights copied, under the optimizer HF's Trainer builds by default),
 generate 140m (greedy, KV cache, 128 new tokens after 64), attention (fused vs torch SDPA, causal and
-with a dense 8-document mask), loss (chunked linear_cross_entropy vs logits + F.cross_entropy),
-sampler (MixtureSampler vs nanoGPT's get_batch), cuda (bf16 tokens/s and MFU, eager and compiled;
-only when a GPU is present). ratio = ours / reference: below 1 is better for s and MB, above 1 for
-tokens/s.
+with a dense 8-document mask), loss (kernels.linear_cross_entropy, recomputing in the backward or
+with gradients made in the forward, vs logits + F.cross_entropy), sampler (MixtureSampler vs
+nanoGPT's get_batch), cuda (bf16 tokens/s and MFU, eager and compiled; only when a GPU is present;
+python bench.py --only cuda). ratio = ours / reference: below 1 is better for s and MB, above 1 for
+tokens/s. A summary then says which goals of issues 4 and 7 each row meets.
 
 Peak memory on CPU: torch keeps no peak statistics for CPU tensors, so we ask the kernel. Each memory
 figure comes from a fresh child process (this file with --memory-child) started with
@@ -29,8 +30,11 @@ and activations together. Timings come from the parent process with glibc's defa
 """
 
 import argparse
+import contextlib
 import ctypes
+import fnmatch
 import gc
+import io
 import json
 import os
 import statistics
@@ -48,7 +52,8 @@ import kernels
 from model import MobileLLM, ModelConfig, ModelError
 
 SIDES = ("ours", "reference")
-TRAIN_SHAPES = {"140m": (2, 256), "toy": (16, 256)}  # (batch, seq): 140m as fits a CPU; toy = train.py's toy preset
+# (batch, seq) of the training step: 140m as fits a CPU (as in shared/MEASURED.md), toy as train.py's toy preset
+TRAIN_SHAPES = {"140m": (2, 256), "toy": (16, 256)}
 PROMPT, NEW_TOKENS = 64, 128  # generation: 128 new tokens after a 64-token prompt (issue 7)
 ATTN_HEADS = (9, 3, 64)  # query heads, kv heads, head_dim of the 140m model (RECIPE section 2)
 ATTN_DOCS = 8  # documents packed in one attention sequence
@@ -59,21 +64,19 @@ CUDA_SHAPE = (16, 2048)  # per-GPU batch of pre-training (RECIPE section 4)
 # -------------------------------------------------------------------------------------------------
 # Measurement
 
-def time_sides(fns, warmup, reps, sync=None):
+def time_sides(fns, warmup, reps, sync=lambda: None):
     """Median seconds per call of each side. Sides alternate inside each repetition, so a slow
-    moment of a shared machine hits both rather than one."""
+    moment of a shared machine hits both rather than one. sync: waits for a GPU to finish."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {side: [] for side in fns}
     for _ in range(reps):
         for side, fn in fns.items():
-            if sync:
-                sync()
+            sync()
             t0 = time.perf_counter()
             fn()
-            if sync:
-                sync()
+            sync()
             times[side].append(time.perf_counter() - t0)
     return {side: statistics.median(t) for side, t in times.items()}
 
@@ -123,6 +126,8 @@ def memory_child(spec):
 
 def measure_memory(kind, cases, side, threads):
     """Run memory_child in a fresh process; a list of {"peak", "total"} MB, one per case."""
+    if not os.path.exists("/proc/self/clear_refs"):  # not Linux: no honest CPU figure, shown as n/a
+        return [{"peak": None, "total": None} for _ in cases]
     spec = json.dumps({"kind": kind, "cases": cases, "side": side})
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads), "--memory-child", spec]
@@ -180,7 +185,8 @@ def adamw(model, fused):
 
 def build_train(size, batch, seq, sides=SIDES, device="cpu", compile=False):
     config, models = build_models(size, sides, device)
-    x = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=g).to(device)
     idx, targets = x[:, :-1], x[:, 1:]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     fns = {}
@@ -232,8 +238,8 @@ def build_attention(T, docs, sides=SIDES):
     v = torch.randn(1, KV, T, D, generator=g, requires_grad=True)
     dout = torch.randn(1, H, T, D, generator=g)
     doc_ids = (torch.arange(T) * docs // T)[None] if docs else None
-    # The dense mask is built once, outside the measured call: the reference is not charged for it.
-    mask = kernels.visible(torch.arange(T), torch.arange(T), True, doc_ids, doc_ids)[:, None] if docs else None
+    # The dense (T, T) mask is built once, outside the measured call: the reference is not charged for it.
+    mask = (doc_ids[0, :, None] == doc_ids[0, None, :]).tril() if docs else None
 
     def run(attend):
         attend().backward(dout)
@@ -246,8 +252,9 @@ def build_attention(T, docs, sides=SIDES):
     return {side: fns[side] for side in sides}
 
 
-def build_loss(batch, seq, sides=SIDES):
-    """Output projection + cross-entropy, forward + backward, at the 140m shapes (d 576, vocab 128,256)."""
+def build_loss(batch, seq, recompute=True, sides=SIDES):
+    """Output projection + cross-entropy, forward + backward, at the 140m shapes (d 576, vocab 128,256).
+    recompute: kernels' two modes (recompute chunk logits in the backward, or grads in the forward)."""
     config = ModelConfig.from_size("140m")
     g = torch.Generator().manual_seed(0)
     h = torch.randn(batch, seq, config.d_model, generator=g, requires_grad=True)
@@ -258,7 +265,7 @@ def build_loss(batch, seq, sides=SIDES):
         loss_of().backward()
         h.grad = w.grad = None
     fns = {
-        "ours": lambda: run(lambda: kernels.linear_cross_entropy(h, w, targets)),
+        "ours": lambda: run(lambda: kernels.linear_cross_entropy(h, w, targets, recompute=recompute)),
         # what HF's loss does: full logits, upcast to float32, then cross-entropy
         "reference": lambda: run(lambda: F.cross_entropy(F.linear(h, w).float().flatten(0, 1), targets.flatten())),
     }
@@ -271,10 +278,10 @@ BUILDERS = {"train": build_train, "attention": build_attention, "loss": build_lo
 # -------------------------------------------------------------------------------------------------
 # Sections: each yields rows
 
-def compare(fns, title, args, sync=None):
+def compare(fns, title, args):
     if args.profile:
         profile_sides(fns, title)
-    return time_sides(fns, args.warmup, args.reps, sync)
+    return time_sides(fns, args.warmup, args.reps)
 
 
 def bench_train(size, args):
@@ -282,7 +289,6 @@ def bench_train(size, args):
     name = f"train {size} {batch}x{seq}"
     t = compare(build_train(size, batch, seq), name, args)
     yield row(f"{name} step time", t["ours"], t["reference"], "s")
-    yield row(f"{name} tokens/s", batch * seq / t["ours"], batch * seq / t["reference"], "tok/s")
     gc.collect()
     case = [dict(size=size, batch=batch, seq=seq)]
     mem = {side: measure_memory("train", case, side, args.threads)[0] for side in SIDES}
@@ -312,24 +318,34 @@ def bench_attention(args):
     if lo != hi:
         for docs in (0, ATTN_DOCS):
             what = f"doc-masked ({ATTN_DOCS} docs)" if docs else "causal"
-            growth = {side: peaks[docs, hi][side] / peaks[docs, lo][side] for side in SIDES}
+            growth = {side: peaks[docs, hi][side] / peaks[docs, lo][side] if peaks[docs, lo][side] else None
+                      for side in SIDES}
             yield row(f"attention {what} memory growth T={lo}->{hi} (linear: {hi / lo:g}x)",
                       growth["ours"], growth["reference"], "x")
 
 
 def bench_loss(args):
-    batch, seq = args.loss_shape
-    name = f"loss 140m vocab {batch}x{seq} fwd+bwd"
-    t = compare(build_loss(batch, seq), name, args)
-    yield row(f"{name} time", t["ours"], t["reference"], "s")
-    mem = {side: measure_memory("loss", [dict(batch=batch, seq=seq)], side, args.threads)[0] for side in SIDES}
-    yield row(f"{name} peak memory", mem["ours"]["peak"], mem["reference"]["peak"], "MB")
+    modes = {"recompute": True, "grads in forward": False}
+    shapes = [dict(batch=b, seq=t) for b, t in args.loss_shapes]
+    mem = {"ours": measure_memory("loss", [dict(s, recompute=r) for s in shapes for r in modes.values()],
+                                  "ours", args.threads),
+           "reference": measure_memory("loss", shapes, "reference", args.threads)}
+    for i, shape in enumerate(shapes):
+        # both modes and the naive loss side by side: the naive one is timed once for both rows
+        fns = {mode: build_loss(**shape, recompute=r, sides=("ours",))["ours"] for mode, r in modes.items()}
+        fns["reference"] = build_loss(**shape, sides=("reference",))["reference"]
+        name = f"loss 140m {shape['batch']}x{shape['seq']} fwd+bwd"
+        t = compare(fns, name, args)
+        for j, mode in enumerate(modes):
+            yield row(f"{name} ({mode}) time", t[mode], t["reference"], "s")
+            yield row(f"{name} ({mode}) peak memory", mem["ours"][len(modes) * i + j]["peak"],
+                      mem["reference"][i]["peak"], "MB")
 
 
 def bench_sampler(args):
     """MixtureSampler over two prepared sources vs nanoGPT's get_batch (uniform random offsets into
     one memory-mapped shard, no mixture, no document ids), rows of 2048 + 1 tokens."""
-    seq, batch, n_batches = 2048, 8, args.reps * 5
+    seq, batch, n_batches = 2048, 8, 40
     rng = np.random.default_rng(0)
     words = ["carry", "digit", "sum", "step", "answer", "think", "7", "42", "+", "="]
     with tempfile.TemporaryDirectory() as tmp:
@@ -338,7 +354,8 @@ def bench_sampler(args):
             with open(path, "w") as f:
                 for _ in range(args.sampler_docs):  # documents of 100 to 3,000 words
                     f.write(json.dumps({"text": " ".join(rng.choice(words, rng.integers(100, 3000)))}) + "\n")
-            data.prepare(source, [path], os.path.join(tmp, "data"), tokenizer="toy", workers=1)
+            with contextlib.redirect_stdout(io.StringIO()):  # keep the table's output clean
+                data.prepare(source, [path], os.path.join(tmp, "data"), tokenizer="toy", workers=1)
         sampler = data.MixtureSampler(os.path.join(tmp, "data"), "a=0.7,b=0.3", seq, batch)
         shard = os.path.join(tmp, "data", "a", "shard_00000.bin")
         tokens = np.memmap(shard, dtype=np.uint32, mode="r", offset=data.HEADER_BYTES)
@@ -367,16 +384,19 @@ def bench_cuda(args):
             name = f"cuda {size} {batch}x{seq} bf16{' compile' if compile else ''}"
             tok_s, mem = {}, {}
             for side in SIDES:  # one side at a time: both 950m models and their states would be large
+                gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-                fns = build_train(size, batch, seq, sides=(side,), device="cuda", compile=compile)
-                t = time_sides(fns, args.warmup + 1, args.reps, sync=torch.cuda.synchronize)
-                tok_s[side] = batch * seq / t[side]
-                mem[side] = torch.cuda.max_memory_allocated() / 2**20
-                del fns
+                try:
+                    fns = build_train(size, batch, seq, sides=(side,), device="cuda", compile=compile)
+                    t = time_sides(fns, args.warmup + 1, args.reps, sync=torch.cuda.synchronize)
+                    tok_s[side], mem[side] = batch * seq / t[side], torch.cuda.max_memory_allocated() / 2**20
+                except torch.cuda.OutOfMemoryError:
+                    tok_s[side] = mem[side] = None  # shown as n/a
+                fns = None
             with torch.device("meta"):  # only the parameter count is needed
                 flops = MobileLLM(ModelConfig.from_size(size)).estimate_flops_per_token(seq)  # 6N + attention
-            mfu = {s: 100 * flops * tok_s[s] / peak if peak else None for s in SIDES}
+            mfu = {s: 100 * flops * tok_s[s] / peak if peak and tok_s[s] else None for s in SIDES}
             yield row(f"{name} tokens/s", tok_s["ours"], tok_s["reference"], "tok/s")
             yield row(f"{name} MFU", mfu["ours"], mfu["reference"], "%")
             yield row(f"{name} peak memory", mem["ours"], mem["reference"], "MB")
@@ -407,27 +427,57 @@ def print_rows(rows):
     header = ("name", "ours", "reference", "unit", "ratio")
     table = [header] + [(r["name"], fmt(r["ours"]), fmt(r["reference"]), r["unit"], fmt(r["ratio"])) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for k, line in enumerate(table):
-        print(" | ".join(cell.ljust(w) if i in (0, 3) else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+    for k, line in enumerate(table):  # text columns left-aligned, numbers right-aligned
+        print(" | ".join(c.ljust(w) if i in (0, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
         if k == 0:
             print("-+-".join("-" * w for w in widths))
+
+
+# Goals of issues 4 and 7, checked on the rows: (row name pattern, test, what it asks).
+GOALS = [
+    ("train 140m 2x256 step time", lambda r: r["ratio"] <= 1 / 1.3, "training step >= 1.3x faster"),
+    ("train 140m 2x256 peak memory (total)", lambda r: r["ratio"] <= 0.5, "training step <= 1/2 the peak memory"),
+    ("generate 140m *", lambda r: r["ratio"] >= 1.5, "generation >= 1.5x the tokens/s"),
+    ("attention doc-masked (8 docs) T=4096 fwd+bwd time", lambda r: r["ratio"] <= 0.5,
+     "doc-masked fused attention >= 2x faster at T=4096"),
+    ("attention doc-masked (8 docs) memory growth *", lambda r: r["ours"] <= 1.25 * linear_growth(r["name"]),
+     "fused attention memory linear in T (growth <= 1.25x the length ratio)"),
+    ("loss 140m 2x256 fwd+bwd (*) time", lambda r: r["ratio"] <= 1.1, "chunked loss as fast as naive (within 10%)"),
+    ("loss 140m 2x256 fwd+bwd (*) peak memory", lambda r: r["ratio"] <= 0.5,
+     "chunked loss <= 1/2 the naive peak memory"),
+    ("cuda 140m * compile MFU", lambda r: r["ours"] >= 45, "140m bf16 compiled >= 45% MFU"),
+]
+
+
+def linear_growth(name):
+    lo, hi = name.split("T=")[1].split(" ")[0].split("->")
+    return int(hi) / int(lo)
+
+
+def print_goals(rows):
+    for pattern, test, goal in GOALS:
+        for r in rows:
+            judged = r["ours"] is not None and (r["ratio"] is not None or r["unit"] == "%")  # n/a: not judged
+            if fnmatch.fnmatchcase(r["name"], pattern) and judged:
+                print(f"goal {'met' if test(r) else 'MISSED'}: {goal} ({r['name']}: ours {fmt(r['ours'])}, "
+                      f"reference {fmt(r['reference'])} {r['unit']})")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="ours vs the reference implementation: time and memory",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and lengths (~2 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="one repetition, fewer shapes (~2 minutes on 2 cores)")
     p.add_argument("--only", help="comma-separated substrings: run the sections whose name contains one "
                                   "(train 140m, train toy, generate 140m, attention, loss, sampler, cuda)")
     p.add_argument("--json", help="also write the rows to this file as JSON")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    p.add_argument("--reps", type=int, help="timed repetitions per side (default 5, 3 with --quick)")
+    p.add_argument("--reps", type=int, help="timed repetitions per side (default 5, 1 with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per side first")
     p.add_argument("--lengths", help="attention sequence lengths (default 1024,2048,4096; 1024,4096 with --quick)")
-    p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of each comparison")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of each side")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory measurement process
     args = p.parse_args(argv)
-    args.reps = args.reps or (3 if args.quick else 5)
+    args.reps = args.reps or (1 if args.quick else 5)
     lengths = args.lengths or ("1024,4096" if args.quick else "1024,2048,4096")
     try:
         args.lengths = [int(n) for n in lengths.split(",")]
@@ -435,7 +485,9 @@ def parse_args(argv):
         p.error(f"--lengths {lengths!r}: give comma-separated integers, e.g. 1024,4096")
     if args.reps < 1 or args.warmup < 0 or args.threads < 1 or min(args.lengths) < 1:
         p.error("--reps, --threads and --lengths must be positive, --warmup non-negative")
-    args.loss_shape = TRAIN_SHAPES["140m"] if args.quick else (2, 1024)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its folder does not exist; create it or pick another path")
+    args.loss_shapes = [TRAIN_SHAPES["140m"]] + ([] if args.quick else [(2, 1024)])
     args.sampler_docs = 100 if args.quick else 400
     return args
 
@@ -467,6 +519,8 @@ def main(argv=None):
         gc.collect()
     print()
     print_rows(rows)
+    print()
+    print_goals(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -493,7 +493,7 @@ PHASES = ("pretrain-phase1", "pretrain-phase2", "midtrain-phase1", "midtrain-pha
 PRESETS = {phase: {name: row[1 + i] for name, row in MIXTURE_TABLE.items() if row[1 + i]}
            for i, phase in enumerate(PHASES)}
 # Not from the paper: the laptop run's two pre-training sources (toydata.py), mostly worked traces.
-PRESETS["toy"] = {"toy-traces": 0.75, "toy-facts": 0.25}
+PRESETS["toy"] = {"toy-traces": 0.9, "toy-facts": 0.1}
 
 
 def resolve_mixture(data_dir, mixture, renormalize=False):
@@ -718,7 +718,7 @@ def _write_jsonl(path, records):
     os.replace(tmp, path)
 
 
-def write_toy(out_dir=TOY_DIR, seed=0):
+def write_toy(out_dir=TOY_DIR, seed=0, with_trace=True):
     """Generate the synthetic reasoning corpus (toydata.py) and prepare it with the toy tokenizer:
     text sources (toy-traces, toy-facts), chat sources (toy-sft), and DIR/eval.jsonl. The raw jsonl
     stays in DIR/raw for reading. DIR/toy.json and DIR/eval.jsonl, written last, mark a complete corpus;
@@ -727,7 +727,7 @@ def write_toy(out_dir=TOY_DIR, seed=0):
     if os.path.isfile(marker):
         with open(marker) as f:
             info = json.load(f)
-        if info["seed"] == seed and os.path.isfile(os.path.join(out_dir, "eval.jsonl")) and \
+        if info["seed"] == seed and info.get("with_trace", True) == with_trace and os.path.isfile(os.path.join(out_dir, "eval.jsonl")) and \
                 all(_read_meta(os.path.join(out_dir, name)) for name in info["sources"]):
             print(f"{out_dir} holds the toy corpus of seed {seed}; nothing to do")
             return info
@@ -736,7 +736,7 @@ def write_toy(out_dir=TOY_DIR, seed=0):
         import toydata
     except ImportError as e:
         raise DataError(f"the toy corpus generator toydata.py cannot be imported ({e}); it belongs next to data.py")
-    corpus = toydata.generate(seed)
+    corpus = toydata.generate(seed, with_trace=with_trace)
     raw = os.path.join(out_dir, "raw")
     os.makedirs(raw, exist_ok=True)
     sources = {}
@@ -746,7 +746,7 @@ def write_toy(out_dir=TOY_DIR, seed=0):
             _write_jsonl(sources[name], ({field: d} for d in docs))
     for name, path in sources.items():
         prepare(name, [path], out_dir, tokenizer="toy", workers=1)
-    info = {"seed": seed, "sources": list(sources), "n_eval": len(corpus["eval"])}
+    info = {"seed": seed, "with_trace": with_trace, "sources": list(sources), "n_eval": len(corpus["eval"])}
     _write_jsonl(marker, [info])
     _write_jsonl(os.path.join(out_dir, "eval.jsonl"), corpus["eval"])  # last: its presence means complete
     return info
@@ -767,6 +767,8 @@ def main(argv=None):
     p = sub.add_parser("toy", help="write the embedded synthetic reasoning corpus")
     p.add_argument("--out", default=TOY_DIR, help="data folder")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--no-trace", action="store_true",
+                   help="answers without the reasoning trace (the ablation: same problems, no steps)")
     p = sub.add_parser("mix", help="show what a mixture serves")
     p.add_argument("--data", default="data", help="data folder")
     p.add_argument("--mixture", required=True, help=f"preset ({', '.join(PRESETS)}) or NAME=WEIGHT,NAME=WEIGHT")
@@ -780,7 +782,7 @@ def main(argv=None):
         if args.command == "prepare":
             prepare(args.source, args.input, args.out, args.tokenizer, args.field, args.workers)
         elif args.command == "toy":
-            write_toy(args.out, args.seed)
+            write_toy(args.out, args.seed, with_trace=not args.no_trace)
         else:
             sampler = MixtureSampler(args.data, args.mixture, args.seq_len, 1, seed=args.seed,
                                      renormalize=args.renormalize)

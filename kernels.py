@@ -5,20 +5,23 @@ They run wherever torch runs (CPU, CUDA, MPS) and hold memory linear in sequence
 attention(q, k, v, causal, doc_ids) is the one entry point model.py uses. Two backends:
 - "sdpa": torch's scaled_dot_product_attention. Fast without a mask, but an explicit mask (packed
   documents) sends it to a path that materialises the T x S score matrix.
-- "fused": the FlashAttention algorithm. Queries and keys are cut into tiles; for each query tile we
-  walk its key tiles keeping, per row, a running max m and running sum l of exp(score - m) in
+- "fused": the FlashAttention algorithm. Queries and keys are cut into tiles; each query tile
+  visits its key tiles keeping, per row, a running max m and running sum l of exp(score - m) in
   float32 (online softmax), so the output is exact without ever holding a row of T scores. The
   forward saves only the output and the log-sum-exp per row; the backward recomputes each tile's
-  probabilities from them. Tiles whose keys no query of the tile may see (above the causal
-  diagonal, or in other documents of a packed sequence) are skipped: with 8 documents in a
-  sequence only ~1/8 of the causal tiles hold work, which is where the speed-up comes from.
+  probabilities from them. Tile pairs in which no query may see any key (above the causal
+  diagonal, or in different documents of a packed sequence) are skipped: with 8 documents only
+  ~1/8 of the causal tiles hold work, which is where the speed-up over masked SDPA comes from.
+  The live pairs that lie on one tile diagonal are computed together in one batched matmul, so the
+  Python loop runs over diagonals, not pairs: few large ops, which small CPUs and GPUs both need.
 The automatic choice sends document masks to "fused" and everything else to "sdpa";
 set_backend(name) / use_backend(name) force one (tests, benchmarks, users).
 
 linear_cross_entropy and distill_loss fuse the output projection with the loss. A 128,256-token
 vocabulary makes logits the memory peak of a small model (4 bytes x 128,256 = 0.5 MB per token), so
-both compute logits a chunk of rows at a time, keep one float per row (the log-sum-exp), and
-recompute the chunk's logits in the backward.
+both compute logits a chunk of rows at a time and never hold more than one chunk. The backward
+recomputes each chunk's logits (recompute=True, the default), or, with recompute=False, the
+gradients are computed in the forward while the chunk is at hand and the backward only scales them.
 """
 import contextlib
 import functools
@@ -28,13 +31,19 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("sdpa", "fused")
-# Tile sizes of the fused kernel. Large tiles keep the 2-core CPU in big batched matmuls and the
-# Python loop short; 128 beat 64 and 256 at T = 1k..4k with 8 documents (see bench.py).
-BLOCK_Q = 128
-BLOCK_K = 128
-# Loss chunks hold about this many logits (2^24 floats = 64 MB): 130 rows of a 128k vocabulary.
-# Small enough to cut peak memory far below naive, large enough for full-speed matmuls.
-LOSS_CHUNK_ELEMENTS = 2**24
+# Tile sizes of the fused kernel: large enough for efficient matmuls, small enough that tiles
+# straddling a document boundary waste little. On the 2-core CPU 64 was within ~8% of the best of
+# 32/64/128 at T = 4k (3 or 8 documents) and ~2x faster than 128 at T = 256..512 (short documents).
+BLOCK_Q = 64
+BLOCK_K = 64
+# Loss chunks hold about this many logits (2^25 floats = 128 MB): 261 rows of a 128k vocabulary.
+# Each chunk streams all of W (V x d) through 3-4 matmuls, so smaller chunks get slower
+# (measured at 140m shapes: 2^24 ~15% slower); the peak stays far below naive (see bench.py).
+LOSS_CHUNK_ELEMENTS = 2**25
+# Live tile pairs of one diagonal go through one batched matmul (see _tile_plan). This caps the
+# scores of one batch (2^20 floats = 4 MB), so the temporary memory does not grow with T;
+# larger batches measured no faster.
+TILE_BATCH_ELEMENTS = 2**20
 
 _forced_backend = None
 
@@ -65,7 +74,8 @@ def attention(q, k, v, causal=True, doc_ids=None, backend=None):
     Returns (B, H, T, D). backend: "sdpa", "fused", or None (forced backend, else automatic)."""
     B, H, T, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
-        raise ValueError(f"attention shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"attention shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
     if k.shape[2] < T:
         raise ValueError(f"attention: {T} queries but only {k.shape[2]} keys")
     if doc_ids is not None and tuple(doc_ids.shape) != (B, k.shape[2]):
@@ -78,16 +88,6 @@ def attention(q, k, v, causal=True, doc_ids=None, backend=None):
     raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
 
 
-def visible(q_pos, k_pos, causal, q_doc=None, k_doc=None):
-    """Bool mask (B or 1, len(q_pos), len(k_pos)): which keys each query may attend to."""
-    mask = torch.ones(1, len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
-    if causal:
-        mask = mask & (k_pos[None, None, :] <= q_pos[None, :, None])
-    if q_doc is not None:
-        mask = mask & (q_doc[:, :, None] == k_doc[:, None, :])
-    return mask
-
-
 def sdpa_attention(q, k, v, causal=True, doc_ids=None):
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
@@ -95,10 +95,9 @@ def sdpa_attention(q, k, v, causal=True, doc_ids=None):
     # where the last position sees everything); the KV-cache case needs an explicit offset mask.
     if doc_ids is None and (not causal or T == S or T == 1):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=gqa)
-    q_pos = torch.arange(S - T, S, device=q.device)
-    k_pos = torch.arange(S, device=q.device)
-    q_doc, k_doc = (doc_ids[:, S - T:], doc_ids) if doc_ids is not None else (None, None)
-    mask = visible(q_pos, k_pos, causal, q_doc, k_doc)[:, None]  # (B, 1, T, S): quadratic memory
+    docs = (doc_ids[:, None, S - T:], doc_ids[:, None]) if doc_ids is not None else ()
+    whole = slice(0, 1)  # the whole sequence as one tile pair
+    mask = _visible(whole, whole, T, S, T, S, causal, q.device, *docs)[0][:, None]  # (B, 1, T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
@@ -117,285 +116,294 @@ def _float_math(method):
     return run
 
 
-def _tile_ranges(start, stop, block):
-    return [(a, min(a + block, stop)) for a in range(start, stop, block)]
+def _to_tiles(x, KV, block, dtype):
+    """(B, KV*G, N, D) -> (n_tiles, B, KV, G*block, D), zero-padded to whole tiles. A query tile
+    holds the G heads that share a kv head, so one batched matmul against a (B, KV, block_k, D) key
+    tile serves all of them: GQA without repeating K or V. For k and v, G = 1."""
+    B, H, N, D = x.shape
+    G = H // KV
+    x = F.pad(x.to(dtype), (0, 0, 0, -N % block)).view(B, KV, G, -1, block, D)
+    return x.permute(3, 0, 1, 2, 4, 5).reshape(-1, B, KV, G * block, D)
 
 
-def _tile_bounds(ids, block):
-    """Per-tile min and max of ids (B, N) over consecutive blocks: (B, n_tiles) each."""
+def _from_tiles(t, H, N):
+    """Inverse of _to_tiles without the padding: (B, H, N, D)."""
+    n, B, KV, GB, D = t.shape
+    G = H // KV
+    t = t.view(n, B, KV, G, GB // G, D).permute(1, 2, 3, 0, 4, 5)
+    return t.reshape(B, H, n * GB // G, D)[:, :, :N]
+
+
+def _tile_ids(ids, block):
+    """(B, N) doc ids -> (B, n_tiles, block), padded by repeating the last id (so the padding
+    changes no tile's id range; padded positions are masked or dropped anyway)."""
     B, N = ids.shape
-    pad = -N % block  # repeat the last id so padding changes no tile's range
-    ids = torch.cat([ids, ids[:, -1:].expand(B, pad)], 1).view(B, -1, block)
-    return ids.amin(-1), ids.amax(-1)
+    return torch.cat([ids, ids[:, -1:].expand(B, -N % block)], 1).view(B, -1, block)
 
 
-def _tile_plan(T, S, causal, doc_ids, block_q, block_k):
-    """For each query tile, the key tiles it must visit as (j, needs_mask) pairs. A pair is skipped
-    when every key lies after every query (causal) or when no batch row has a document id range of
-    the query tile that overlaps the key tile's. For packed sequences (ids ascending) that is exact;
-    for arbitrary ids overlap is only a necessary condition, and the tile mask handles the rest."""
-    dev = doc_ids.device if doc_ids is not None else "cpu"
-    q_lo = torch.arange(S - T, S, block_q, device=dev)
+def _visible(rows, cols, block_q, block_k, T, S, causal, dev, q_docs=None, k_docs=None):
+    """Which keys each query may see in tile pairs (query tile rows[p], key tile cols[p]):
+    bool (P, B or 1, block_q or 1, block_k). Queries are positions S - T + i. q_docs and k_docs
+    are tiled doc ids (B, n_tiles, block). Also hides the zero padding after the last key."""
+    rows, cols = _as_tensor(rows, dev), _as_tensor(cols, dev)
+    q_pos = S - T + rows[:, None] * block_q + torch.arange(block_q, device=dev)
+    k_pos = cols[:, None] * block_k + torch.arange(block_k, device=dev)
+    mask = (k_pos < S)[:, None, None, :]
+    if causal:
+        mask = mask & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
+    if q_docs is not None:
+        mask = mask & (q_docs[:, rows, :, None] == k_docs[:, cols, None, :]).transpose(0, 1)
+    return mask
+
+
+def _tile_plan(T, S, causal, q_docs, k_docs, block_q, block_k, max_pairs, dev):
+    """The (query tile, key tile) pairs holding any visible key, as batches (rows, cols, needs_mask).
+    A pair is dead when all its keys come after all its queries (causal), or when no batch row has
+    overlapping document id ranges in the two tiles: exact for packed sequences (ascending ids), a
+    safe over-estimate for arbitrary ids, where the mask does the rest. A batch holds pairs of one
+    tile diagonal (cols - rows constant), so no query tile appears twice in it and each batch is a
+    single online-softmax step for the tiles it touches."""
+    q_lo = S - T + torch.arange(0, T, block_q, device=dev)
     q_hi = (q_lo + block_q).clamp(max=S) - 1
     k_lo = torch.arange(0, S, block_k, device=dev)
-    k_hi = (k_lo + block_k).clamp(max=S) - 1
+    k_hi = k_lo + block_k - 1
     alive = torch.ones(len(q_lo), len(k_lo), dtype=torch.bool, device=dev)
-    full = alive.clone()  # every key of the tile visible to every query: no mask needed
+    full = (k_hi < S).expand_as(alive).clone()  # no key hidden from any query: no mask needed
     if causal:
         alive &= k_lo[None, :] <= q_hi[:, None]
         full &= k_hi[None, :] <= q_lo[:, None]
-    if doc_ids is not None:
-        qd_min, qd_max = _tile_bounds(doc_ids[:, S - T:], block_q)
-        kd_min, kd_max = _tile_bounds(doc_ids, block_k)
-        overlap = (qd_min[:, :, None] <= kd_max[:, None, :]) & (kd_min[:, None, :] <= qd_max[:, :, None])
-        alive &= overlap.any(0)
-        one_doc = (qd_min == qd_max)[:, :, None] & (kd_min == kd_max)[:, None, :] & (qd_min[:, :, None] == kd_min[:, None, :])
-        full &= one_doc.all(0)
+    if q_docs is not None:
+        q_min, q_max = q_docs.amin(-1)[:, :, None], q_docs.amax(-1)[:, :, None]  # (B, n_q, 1)
+        k_min, k_max = k_docs.amin(-1)[:, None, :], k_docs.amax(-1)[:, None, :]  # (B, 1, n_k)
+        alive &= ((q_min <= k_max) & (k_min <= q_max)).any(0)
+        full &= ((q_min == q_max) & (k_min == k_max) & (q_min == k_min)).all(0)  # one document
     alive, full = alive.tolist(), full.tolist()  # one host sync per call
-    return [[(j, not full[i][j]) for j in range(len(k_lo)) if alive[i][j]] for i in range(len(q_lo))]
+    pairs = sorted((j - i, i, j) for i, row in enumerate(alive) for j, live in enumerate(row) if live)
+    batches = []
+    for diagonal, i, j in pairs:
+        if not batches or batches[-1][0] != diagonal or len(batches[-1][1]) == max_pairs:
+            batches.append((diagonal, [], [], []))
+        for items, x in zip(batches[-1][1:], (i, j, not full[i][j])):
+            items.append(x)
+    return [(_index(rows, dev), _index(cols, dev), any(masked)) for _, rows, cols, masked in batches]
+
+
+def _index(tiles, device):
+    """A run of consecutive tiles as a slice (indexing gives views, no copies), else a tensor."""
+    if tiles == list(range(tiles[0], tiles[-1] + 1)):
+        return slice(tiles[0], tiles[-1] + 1)
+    return torch.tensor(tiles, device=device)
+
+
+def _as_tensor(index, device):
+    return torch.arange(index.start, index.stop, device=device) if isinstance(index, slice) else index
 
 
 class _FusedAttention(torch.autograd.Function):
-    # Layout: q is viewed as (B, KV, G, T, D) with G = H // KV query heads per kv head (consecutive
-    # heads share a kv head). A query tile of n positions becomes (B, KV, G*n, D), so one batched
-    # matmul against a (B, KV, n_k, D) key tile serves all G heads: GQA without repeating K or V.
+    # Tensors are kept as tiles (n_tiles, B, KV, G*block, D); rows and cols pick query and key tiles.
 
     @staticmethod
     @_float_math
     def forward(ctx, q, k, v, causal, doc_ids, block_q, block_k):
         B, H, T, D = q.shape
         KV, S = k.shape[1], k.shape[2]
-        G = H // KV
         acc = torch.promote_types(q.dtype, torch.float32)  # float32 accumulators, float64 stays exact
-        scale = 1.0 / math.sqrt(D)
-        qs = (q.to(acc) * scale).reshape(B, KV, G, T, D)  # scale folded into q once
-        ks, vs = k.to(acc).contiguous(), v.to(acc).contiguous()
-        q_tiles = _tile_ranges(0, T, block_q)
-        k_tiles = _tile_ranges(0, S, block_k)
-        plan = _tile_plan(T, S, causal, doc_ids, block_q, block_k)
-        outs, lses = [], []
-        for (i0, i1), row in zip(q_tiles, plan):
-            n = i1 - i0
-            qi = qs[:, :, :, i0:i1].reshape(B, KV, G * n, D)
-            m = torch.full((B, KV, G * n, 1), -math.inf, dtype=acc, device=q.device)  # running max
-            l = torch.zeros_like(m)  # running sum of exp(score - m)
-            o = torch.zeros_like(qi)  # running sum of exp(score - m) @ v
-            for j, needs_mask in row:
-                j0, j1 = k_tiles[j]
-                s = qi @ ks[:, :, j0:j1].transpose(-1, -2)
-                if needs_mask:
-                    _mask_tile(s, S - T + i0, i1 - i0, j0, j1, causal, doc_ids, G)
-                m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-                # a row with no visible key yet has m = -inf: shift by 0 so exp gives 0, not NaN
-                shift = m_new.masked_fill(m_new == -math.inf, 0.0)
-                p = s.sub_(shift).exp_()
-                alpha = (m - shift).exp_()  # rescales what was summed under the old max
-                l.mul_(alpha).add_(p.sum(-1, keepdim=True))
-                o.mul_(alpha).add_(p @ vs[:, :, j0:j1])
-                m = m_new
-            empty = l == 0  # a query that sees no key outputs 0 and passes no gradient
-            outs.append((o / l.masked_fill(empty, 1.0)).view(B, KV, G, n, D))
-            # lse = +inf for empty rows so the backward's exp(s - lse) is 0 there
-            lses.append((m + l.log()).masked_fill(empty, math.inf).view(B, KV, G, n))
-        out = torch.cat(outs, 3).view(B, H, T, D).to(q.dtype)
-        lse = torch.cat(lses, 3)
-        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
-        ctx.setup = (causal, block_q, block_k, plan)
+        qt = _to_tiles(q, KV, block_q, acc).mul_(1.0 / math.sqrt(D))  # scale folded into q once
+        kt, vt = _to_tiles(k, KV, block_k, acc), _to_tiles(v, KV, block_k, acc)
+        docs = (None, None)
+        if doc_ids is not None:
+            docs = (_tile_ids(doc_ids[:, S - T:], block_q), _tile_ids(doc_ids, block_k))
+        dev, G = q.device, H // KV
+        max_pairs = max(1, TILE_BATCH_ELEMENTS // (B * H * block_q * block_k))
+        plan = _tile_plan(T, S, causal, *docs, block_q, block_k, max_pairs, dev)
+
+        def hide(s, rows, cols):  # scores (P, B, KV, G*block_q, block_k) -> -inf where not visible
+            visible = _visible(rows, cols, block_q, block_k, T, S, causal, dev, *docs)[:, :, None, None]
+            # one mask per position pair, shared by the G heads of a kv head
+            s.view(*s.shape[:3], G, block_q, block_k).masked_fill_(~visible, -math.inf)
+
+        m = torch.full((*qt.shape[:-1], 1), -math.inf, dtype=acc, device=dev)  # running max
+        l = torch.zeros_like(m)  # running sum of exp(score - m)
+        o = torch.zeros_like(qt)  # running sum of exp(score - m) @ v
+        for rows, cols, needs_mask in plan:
+            s = qt[rows] @ kt[cols].transpose(-1, -2)  # (P, B, KV, G*block_q, block_k)
+            if needs_mask:
+                hide(s, rows, cols)
+            m_old = m[rows]
+            m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
+            # a row with no visible key yet has m = -inf: shift by 0 so exp gives 0, not NaN
+            shift = m_new.masked_fill(m_new == -math.inf, 0.0)
+            p = s.sub_(shift).exp_()
+            alpha = (m_old - shift).exp_()  # rescales what was summed under the old max
+            l[rows] = l[rows].mul_(alpha).add_(p.sum(-1, keepdim=True))
+            o[rows] = o[rows].mul_(alpha).add_(p @ vt[cols])
+            m[rows] = m_new
+        empty = l == 0  # a query that sees no key outputs 0 and passes no gradient
+        out = _from_tiles(o.div_(l.masked_fill(empty, 1.0)), H, T).to(q.dtype)
+        lse = (m + l.log()).masked_fill_(empty, math.inf)  # +inf: exp(s - lse) = 0 in the backward
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.setup = (block_q, block_k, plan, hide)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     @_float_math
     def backward(ctx, dout):
-        q, k, v, out, lse, doc_ids = ctx.saved_tensors
-        causal, block_q, block_k, plan = ctx.setup
+        q, k, v, out, lse = ctx.saved_tensors
+        block_q, block_k, plan, hide = ctx.setup
         B, H, T, D = q.shape
         KV, S = k.shape[1], k.shape[2]
-        G = H // KV
-        acc = lse.dtype
-        scale = 1.0 / math.sqrt(D)
-        qs = (q.to(acc) * scale).reshape(B, KV, G, T, D)
-        ks, vs = k.to(acc).contiguous(), v.to(acc).contiguous()
-        do = dout.to(acc).reshape(B, KV, G, T, D)
-        # delta_i = sum_j P_ij dP_ij = rowsum(dO * O): the softmax backward term, one float per row
-        delta = (do * out.to(acc).reshape(B, KV, G, T, D)).sum(-1)
-        k_tiles = _tile_ranges(0, S, block_k)
-        dk, dv = torch.zeros_like(ks), torch.zeros_like(vs)
-        dqs = []
-        for (i0, i1), row in zip(_tile_ranges(0, T, block_q), plan):
-            n = i1 - i0
-            qi = qs[:, :, :, i0:i1].reshape(B, KV, G * n, D)
-            doi = do[:, :, :, i0:i1].reshape(B, KV, G * n, D)
-            lsei = lse[:, :, :, i0:i1].reshape(B, KV, G * n, 1)
-            deltai = delta[:, :, :, i0:i1].reshape(B, KV, G * n, 1)
-            dqi = torch.zeros_like(qi)
-            for j, needs_mask in row:
-                j0, j1 = k_tiles[j]
-                kj, vj = ks[:, :, j0:j1], vs[:, :, j0:j1]
-                s = qi @ kj.transpose(-1, -2)
-                if needs_mask:
-                    _mask_tile(s, S - T + i0, n, j0, j1, causal, doc_ids, G)
-                p = s.sub_(lsei).exp_()  # probabilities, recomputed instead of stored
-                dv[:, :, j0:j1] += p.transpose(-1, -2) @ doi
-                ds = (doi @ vj.transpose(-1, -2)).sub_(deltai).mul_(p)  # dScore = P * (dP - delta)
-                dqi += ds @ kj
-                dk[:, :, j0:j1] += ds.transpose(-1, -2) @ qi  # qi carries the scale already
-            dqs.append(dqi.view(B, KV, G, n, D))
-        dq = torch.cat(dqs, 3).mul_(scale).view(B, H, T, D)
+        acc, scale = lse.dtype, 1.0 / math.sqrt(D)
+        qt = _to_tiles(q, KV, block_q, acc).mul_(scale)
+        kt, vt = _to_tiles(k, KV, block_k, acc), _to_tiles(v, KV, block_k, acc)
+        dot = _to_tiles(dout, KV, block_q, acc)
+        # delta = rowsum(dO * O) = sum_j P_ij dP_ij: the softmax backward term, one float per row
+        delta = _to_tiles((dout.to(acc) * out.to(acc)).sum(-1, keepdim=True), KV, block_q, acc)
+        dqt, dkt, dvt = torch.zeros_like(qt), torch.zeros_like(kt), torch.zeros_like(vt)
+        for rows, cols, needs_mask in plan:
+            qb, kb, vb, dob = qt[rows], kt[cols], vt[cols], dot[rows]
+            s = qb @ kb.transpose(-1, -2)
+            if needs_mask:
+                hide(s, rows, cols)
+            p = s.sub_(lse[rows]).exp_()  # probabilities, recomputed instead of stored
+            dvt[cols] += p.transpose(-1, -2) @ dob  # += is exact: no tile repeats within a batch
+            ds = (dob @ vb.transpose(-1, -2)).sub_(delta[rows]).mul_(p)  # dScore = P * (dP - delta)
+            dqt[rows] += ds @ kb
+            dkt[cols] += ds.transpose(-1, -2) @ qb  # qb carries the scale already
+        dq = _from_tiles(dqt.mul_(scale), H, T)
+        dk, dv = _from_tiles(dkt, KV, S), _from_tiles(dvt, KV, S)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def _mask_tile(s, q0, n, j0, j1, causal, doc_ids, G):
-    """Set the invisible scores of a (B, KV, G*n, n_k) tile to -inf in place; queries start at
-    absolute position q0. The mask is per position, shared by the G heads of a kv group."""
-    dev = s.device
-    q_pos = torch.arange(q0, q0 + n, device=dev)
-    k_pos = torch.arange(j0, j1, device=dev)
-    q_doc = k_doc = None
-    if doc_ids is not None:
-        q_doc, k_doc = doc_ids[:, q0:q0 + n], doc_ids[:, j0:j1]
-    mask = visible(q_pos, k_pos, causal, q_doc, k_doc)
-    B, KV = s.shape[:2]
-    s.view(B, KV, G, n, j1 - j0).masked_fill_(~mask[:, None, None], -math.inf)
+def _loss_and_grads(chunk_loss, hidden, weight, chunk_size, with_grads):
+    """Sum over rows of chunk_loss(logits, first_row, with_grads) -> (per-row loss, dloss/dlogits
+    or None), one chunk of rows at a time so only chunk_size x V logits ever exist; with_grads also
+    returns the gradients of that sum for hidden and weight (weight's summed over chunks)."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    w = weight.to(acc)  # one float32 copy of W for bf16 models: logits are never rounded to bf16
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if with_grads else None
+    grad_weight = torch.zeros_like(w) if with_grads else None
+    for c0 in range(0, len(hidden), chunk_size):
+        h = hidden[c0:c0 + chunk_size].to(acc)
+        rows, dlogits = chunk_loss(h @ w.T, c0, with_grads)
+        total += rows.sum()
+        if with_grads:
+            grad_hidden[c0:c0 + chunk_size] = dlogits @ w
+            grad_weight.addmm_(dlogits.T, h)
+        del dlogits  # free this chunk before the next one is allocated
+    return total, grad_hidden, grad_weight
 
 
-def _loss_rows(chunk_size, vocab_size):
-    return chunk_size or max(1, LOSS_CHUNK_ELEMENTS // vocab_size)
-
-
-def _reduce(rows, n, reduction, select):
-    """rows: per-row losses of the selected positions; n: number of positions in all."""
-    if reduction == "sum":
-        return rows.sum()
-    if reduction == "mean":  # no selected position gives 0 (and zero gradients), not NaN
-        return rows.sum() / max(rows.numel(), 1)
-    if reduction == "none":
-        return rows.new_zeros(n).index_put((select,), rows)
-    raise ValueError(f"unknown reduction {reduction!r}; choose 'mean', 'sum' or 'none'")
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    # Per-row losses -log softmax(h W^T)[target] over rows that all count (ignored rows are removed
-    # before); the caller reduces them. Saved: inputs and one log-sum-exp per row.
+class _ChunkedLoss(torch.autograd.Function):
+    """Sum of a per-row loss of the logits hidden @ weight.T, never holding all logits. The
+    backward recomputes each chunk's logits (recompute=True: nothing but the inputs is kept), or,
+    with recompute=False, the gradients are computed during the forward and only scaled in the
+    backward: 3 instead of 4 (N x d x V) matmuls, but the gradients are held in between."""
 
     @staticmethod
     @_float_math
-    def forward(ctx, hidden, weight, targets, chunk_size):
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        w = weight.to(acc)  # one float32 copy of W (bf16 models); logits are never rounded to bf16
-        lse = torch.empty(len(hidden), dtype=acc, device=hidden.device)
-        target_logit = torch.empty_like(lse)
-        for c0 in range(0, len(hidden), chunk_size):
-            c1 = c0 + chunk_size
-            z = hidden[c0:c1].to(acc) @ w.T
-            target_logit[c0:c1] = z.gather(1, targets[c0:c1, None]).squeeze(1)
-            # log-sum-exp in place on z (logsumexp() would allocate a second chunk-sized buffer)
-            m = z.amax(-1, keepdim=True)
-            lse[c0:c1] = (m + z.sub_(m).exp_().sum(-1, keepdim=True).log()).squeeze(1)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_size = chunk_size
-        return lse - target_logit
+    def forward(ctx, hidden, weight, chunk_loss, chunk_size, recompute, with_grads):
+        total, grad_hidden, grad_weight = _loss_and_grads(
+            chunk_loss, hidden, weight, chunk_size, with_grads and not recompute)
+        ctx.setup = (chunk_loss, chunk_size, recompute, hidden.dtype, weight.dtype)
+        if recompute:
+            ctx.save_for_backward(hidden, weight)
+        else:
+            ctx.grads = (grad_hidden, grad_weight)  # intermediate results: kept on ctx (torch docs)
+        return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     @_float_math
-    def backward(ctx, grad_rows):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        acc = lse.dtype
-        w = weight.to(acc)
-        grad_rows = grad_rows.to(acc)
-        grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device)
-        grad_weight = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        for c0 in range(0, len(hidden), ctx.chunk_size):
-            c1 = c0 + ctx.chunk_size
-            h = hidden[c0:c1].to(acc)
-            # dloss/dlogits = softmax - onehot(target), recomputed from the saved log-sum-exp
-            dz = (h @ w.T).sub_(lse[c0:c1, None]).exp_()
-            dz[torch.arange(len(h), device=dz.device), targets[c0:c1]] -= 1
-            dz.mul_(grad_rows[c0:c1, None])
-            grad_hidden[c0:c1] = dz @ w
-            if grad_weight is not None:
-                grad_weight.addmm_(dz.T, h)  # summed over chunks: W is shared by all rows
-        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
-        return grad_hidden.to(hidden.dtype), grad_weight, None, None
+    def backward(ctx, grad_total):
+        chunk_loss, chunk_size, recompute, hidden_dtype, weight_dtype = ctx.setup
+        if recompute:
+            hidden, weight = ctx.saved_tensors
+            _, grad_hidden, grad_weight = _loss_and_grads(chunk_loss, hidden, weight, chunk_size, True)
+        else:
+            if not hasattr(ctx, "grads"):
+                raise RuntimeError("a second backward through this loss needs recompute=True")
+            grad_hidden, grad_weight = ctx.grads
+            del ctx.grads  # scaled in place below: a second use would be wrong
+        grad_hidden = grad_hidden.mul_(grad_total).to(hidden_dtype)
+        return grad_hidden, grad_weight.mul_(grad_total).to(weight_dtype), None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean", chunk_size=None):
+def _chunked_loss(chunk_loss, hidden, weight, chunk_size, recompute):
+    with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    chunk_size = chunk_size or max(1, LOSS_CHUNK_ELEMENTS // len(weight))
+    return _ChunkedLoss.apply(hidden, weight, chunk_loss, chunk_size, recompute, with_grads)
+
+
+def _reduce(total, count, reduction):
+    if reduction == "sum":
+        return total
+    if reduction == "mean":  # no selected position gives 0 (and zero gradients), not NaN
+        return total / max(count, 1)
+    raise ValueError(f"unknown reduction {reduction!r}; choose 'mean' or 'sum'")
+
+
+def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean", chunk_size=None,
+                         recompute=True):
     """cross_entropy(hidden @ weight.T, targets) without holding all logits. hidden (..., d),
     weight (V, d), targets (...) with ignore_index marking unsupervised positions. reduction:
-    "mean" over supervised positions (0 if there are none), "sum", or "none" (per position).
-    chunk_size: rows per chunk (default: ~LOSS_CHUNK_ELEMENTS logits per chunk)."""
+    "mean" over supervised positions (0 if there are none) or "sum"; a float32 (float64) scalar.
+    chunk_size: rows per chunk (default: LOSS_CHUNK_ELEMENTS logits per chunk). recompute=True: the
+    backward recomputes chunk logits and nothing but the inputs is kept in between;
+    recompute=False: gradients are made in the forward (3 instead of 4 matmuls of N x d x V; at
+    140m shapes on the 2-core CPU ~1.1x naive time instead of ~1.3x) and held until the backward
+    (V x d + N x d floats)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
     # Ignored rows need no logits at all: drop them first (SFT prompts are often half the tokens).
     select = (t != ignore_index).nonzero().squeeze(1)
-    rows = _LinearCrossEntropy.apply(h[select], weight, t[select], _loss_rows(chunk_size, len(weight)))
-    loss = _reduce(rows, len(t), reduction, select)
-    return loss.view(targets.shape) if reduction == "none" else loss
+    h, t = h[select], t[select]
 
+    def chunk_loss(logits, c0, with_grad):  # -log softmax[target], and softmax - onehot
+        rows, target = torch.arange(len(logits), device=logits.device), t[c0:c0 + len(logits)]
+        target_logit = logits[rows, target]
+        m = logits.amax(-1, keepdim=True)
+        p = logits.sub_(m).exp_()  # in place: the chunk's logits are the memory peak
+        sum_exp = p.sum(-1, keepdim=True)
+        if with_grad:
+            p.div_(sum_exp)[rows, target] -= 1
+        return (m + sum_exp.log()).squeeze(1) - target_logit, p if with_grad else None
 
-class _DistillKL(torch.autograd.Function):
-    # Per-row KL(teacher || student) of softmax(logits / temperature) times temperature^2 (so the
-    # gradient scale does not depend on the temperature). Teacher inputs get no gradient.
-
-    @staticmethod
-    @_float_math
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, temperature, chunk_size):
-        acc = torch.promote_types(s_hidden.dtype, torch.float32)
-        ws, wt = s_weight.to(acc), t_weight.to(acc)
-        s_lse = torch.empty(len(s_hidden), dtype=acc, device=s_hidden.device)
-        t_lse, kl = torch.empty_like(s_lse), torch.empty_like(s_lse)
-        for c0 in range(0, len(s_hidden), chunk_size):
-            c1 = c0 + chunk_size
-            # Both sides computed the same way, so an identical student gives exactly 0.
-            zs = (s_hidden[c0:c1].to(acc) @ ws.T) / temperature
-            zt = (t_hidden[c0:c1].to(acc) @ wt.T) / temperature
-            s_lse[c0:c1], t_lse[c0:c1] = torch.logsumexp(zs, -1), torch.logsumexp(zt, -1)
-            log_pt = zt.sub_(t_lse[c0:c1, None])
-            log_ps = zs.sub_(s_lse[c0:c1, None])
-            kl[c0:c1] = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
-        ctx.save_for_backward(s_hidden, s_weight, t_hidden, t_weight, s_lse, t_lse)
-        ctx.setup = (temperature, chunk_size)
-        return kl * temperature**2
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    @_float_math
-    def backward(ctx, grad_rows):
-        s_hidden, s_weight, t_hidden, t_weight, s_lse, t_lse = ctx.saved_tensors
-        temperature, chunk_size = ctx.setup
-        acc = s_lse.dtype
-        ws, wt = s_weight.to(acc), t_weight.to(acc)
-        # d(T^2 KL)/d(student logits) = T (p_student - p_teacher)
-        grad_rows = grad_rows.to(acc) * temperature
-        grad_hidden = torch.empty(s_hidden.shape, dtype=acc, device=s_hidden.device)
-        grad_weight = torch.zeros_like(ws) if ctx.needs_input_grad[1] else None
-        for c0 in range(0, len(s_hidden), chunk_size):
-            c1 = c0 + chunk_size
-            h = s_hidden[c0:c1].to(acc)
-            ps = ((h @ ws.T) / temperature).sub_(s_lse[c0:c1, None]).exp_()
-            pt = ((t_hidden[c0:c1].to(acc) @ wt.T) / temperature).sub_(t_lse[c0:c1, None]).exp_()
-            dz = ps.sub_(pt).mul_(grad_rows[c0:c1, None])
-            grad_hidden[c0:c1] = dz @ ws
-            if grad_weight is not None:
-                grad_weight.addmm_(dz.T, h)
-        grad_weight = grad_weight.to(s_weight.dtype) if grad_weight is not None else None
-        return grad_hidden.to(s_hidden.dtype), grad_weight, None, None, None, None
+    total = _chunked_loss(chunk_loss, h, weight, chunk_size, recompute)
+    return _reduce(total, len(t), reduction)
 
 
 def distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
-                 temperature=1.0, reduction="mean", chunk_size=None):
-    """Logit distillation (RECIPE section on mid-training): KL(teacher || student) summed over the
-    vocabulary per position, on softmax(logits / temperature), times temperature^2; reduced ("mean",
-    "sum" or "none") over positions where mask (...) is true (all if None). Logits are hidden @
-    weight.T computed chunk by chunk for both models; the teacher's may have another width d."""
+                 temperature=1.0, reduction="mean", chunk_size=None, recompute=True):
+    """Logit distillation for mid-training (RECIPE section 4): KL(teacher || student) of
+    softmax(logits / temperature) summed over the vocabulary per position, times temperature^2
+    (which keeps the gradient scale independent of the temperature); "mean" or "sum" over the
+    positions where mask (...) is true (all if None). Logits are hidden @ weight.T, made chunk by
+    chunk for both models; the teacher may have another width d and gets no gradient."""
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     if len(hs) != len(ht):
         raise ValueError(f"student has {len(hs)} positions but teacher {len(ht)}")
-    keep = torch.ones(len(hs), dtype=torch.bool, device=hs.device) if mask is None else mask.reshape(-1).bool()
-    select = keep.nonzero().squeeze(1)
-    rows = _DistillKL.apply(hs[select], student_weight, ht[select], teacher_weight.detach(),
-                            float(temperature), _loss_rows(chunk_size, len(student_weight)))
-    loss = _reduce(rows, len(hs), reduction, select)
-    return loss.view(student_hidden.shape[:-1]) if reduction == "none" else loss
+    if mask is not None:
+        select = mask.reshape(-1).nonzero().squeeze(1)
+        hs, ht = hs[select], ht[select]
+    acc = torch.promote_types(hs.dtype, torch.float32)
+    wt = teacher_weight.detach().to(acc)
+    tau = float(temperature)
+
+    def log_softmax_(z):
+        z.div_(tau)
+        return z.sub_(torch.logsumexp(z, -1, keepdim=True))
+
+    def chunk_loss(logits, c0, with_grad):
+        # Both sides are computed the same way, so an identical student gives exactly 0.
+        log_ps = log_softmax_(logits)
+        log_pt = log_softmax_(ht[c0:c0 + len(logits)].to(acc) @ wt.T)
+        p_t = log_pt.exp()
+        kl = (p_t * log_pt.sub_(log_ps)).sum(-1)
+        # d(tau^2 KL)/d(student logits) = tau (p_student - p_teacher)
+        return kl * tau**2, log_ps.exp_().sub_(p_t).mul_(tau) if with_grad else None
+
+    total = _chunked_loss(chunk_loss, hs, student_weight, chunk_size, recompute)
+    return _reduce(total, len(hs), reduction)

@@ -61,9 +61,9 @@ class ModelConfig:
 # 4k at theta 1e6. The toy configs use the byte-level toy tokenizer (data.py) and train on a CPU.
 SIZES = {
     "toy": dict(vocab_size=272, n_layer=4, d_model=192, n_head=6, n_kv_head=3, head_dim=32,
-                ffn_dim=512, max_seq_len=1024),
+                ffn_dim=512, rope_theta=1e4, max_seq_len=1024),
     "toy-teacher": dict(vocab_size=272, n_layer=6, d_model=320, n_head=10, n_kv_head=5, head_dim=32,
-                        ffn_dim=864, max_seq_len=1024),
+                        ffn_dim=864, rope_theta=1e4, max_seq_len=1024),
     "140m": dict(n_layer=15, d_model=576, n_head=9, n_kv_head=3, ffn_dim=2048),
     "360m": dict(n_layer=15, d_model=1024, n_head=16, n_kv_head=4, ffn_dim=4096),
     "950m": dict(n_layer=22, d_model=1536, n_head=24, n_kv_head=6, ffn_dim=6144),

@@ -1,135 +1,219 @@
-"""Synthetic reasoning corpus for the laptop toy run (placeholder v1; being iterated)."""
+"""
+The embedded toy corpus: synthetic arithmetic problems solved step by step, so the laptop run
+(`python train.py`) exercises the whole MobileLLM-R1 pipeline -- pre-training on worked traces,
+SFT on chat conversations with a <think> trace and a \\boxed{} answer, greedy evaluation on held-out
+problems -- in minutes on a CPU. data.py (`python data.py toy`) calls `generate()` and writes the
+sources; nothing here touches files.
+
+    import toydata, random
+    corpus = toydata.generate(seed=0)       # text_sources, chat_sources, eval
+    trace, answer = toydata.solve("4827+395")
+    question = toydata.make_problem(random.Random(0), "mul")
+
+Problem kinds (operands drawn uniformly among numbers of the given digit counts):
+    add      a+b      a, b: 3-4 digits                       (carries)
+    sub      a-b      a, b: 3-4 digits, a >= b               (borrows)
+    mul      a*b      a: 2-3 digits, b: 1-2 digits           (partial products, then their sum)
+    add_sub  a+b-c    a, b, c: 3 digits, a+b >= c            (two chained steps)
+    mul_add  a*b+c    a: 2-3 digits, b: 1 digit, c: 3 digits (two chained steps)
+
+Trace format. The tokenizer is byte-level (one character = one token), so the trace is terse, and
+it is laid out so that every token is a small function of a few tokens at predictable places:
+  - each step first restates its sub-problem on one line, with the shorter operand zero-padded to
+    the width of the longer one, so digit i of both operands sits the same distance from its end;
+  - then one line per digit column, least significant first, always in the same fixed-width form,
+    so the carry sits at the same place in the line above:
+        addition        "7+5+0=12"      digit + digit + carry in = carry out and digit
+        subtraction     "2-9-0=13"      digit - digit - borrow in = borrow out and digit (-7 = -10+3)
+        multiplication  "4*8=32+5=37"   times-table fact, then the carry added on its own
+  - then "=" and the step's result, most significant digit first;
+  - a product by a two-digit number is the sum of its partial products: each is a step of its own
+    (the tens one restated as "909*8" and later shifted by appending 0), then an addition step.
+Example, the complete assistant message for "4827+395":
+    <think>
+    4827+0395
+    7+5+0=12
+    2+9+1=12
+    8+3+1=12
+    4+0+1=05
+    =5222
+    </think>
+    \\boxed{5222}
+"""
 import random
 import re
 import zlib
 
+# Same string as data.DEFAULT_SYSTEM_PROMPT (RECIPE section 3); repeated here so this file imports alone.
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
-KINDS = ("add", "sub", "mul", "addsub", "muladd")
+KINDS = ("add", "sub", "mul", "add_sub", "mul_add")
+# Share of each kind among training problems: the long multi-step kinds need more examples.
+TRAIN_WEIGHTS = {"add": 1.0, "sub": 1.0, "mul": 3.0, "add_sub": 1.5, "mul_add": 1.5}
+HELD_OUT_BUCKETS = 16  # 1 in 16 questions (by a hash of the text) may appear only in the eval set
 
 
-def _num(rng, lo_digits, hi_digits):
-    n = rng.randint(lo_digits, hi_digits)
+def _number(rng, min_digits, max_digits):
+    n = rng.randint(min_digits, max_digits)
     return rng.randint(10 ** (n - 1), 10 ** n - 1)
 
 
 def make_problem(rng, kind):
+    """A question string of the given kind, e.g. "4827+395", "347*68", "123+456-321"."""
     if kind == "add":
-        a, b = _num(rng, 3, 4), _num(rng, 3, 4)
-        return f"{a}+{b}"
+        return f"{_number(rng, 3, 4)}+{_number(rng, 3, 4)}"
     if kind == "sub":
-        a, b = _num(rng, 3, 4), _num(rng, 3, 4)
-        a, b = max(a, b), min(a, b)
-        return f"{a}-{b}"
+        a, b = _number(rng, 3, 4), _number(rng, 3, 4)
+        return f"{max(a, b)}-{min(a, b)}"  # results stay non-negative
     if kind == "mul":
-        a, b = _num(rng, 2, 3), _num(rng, 1, 2)
-        return f"{a}*{b}"
-    if kind == "addsub":
-        a, b = _num(rng, 3, 3), _num(rng, 3, 3)
-        c = rng.randint(100, min(999, a + b))
-        return f"{a}+{b}-{c}"
-    if kind == "muladd":
-        a, b, c = _num(rng, 2, 3), rng.randint(2, 9), _num(rng, 3, 3)
-        return f"{a}*{b}+{c}"
-    raise ValueError(kind)
+        return f"{_number(rng, 2, 3)}*{_number(rng, 1, 2)}"
+    if kind == "add_sub":
+        a, b = _number(rng, 3, 3), _number(rng, 3, 3)
+        return f"{a}+{b}-{rng.randint(100, min(999, a + b))}"
+    if kind == "mul_add":
+        return f"{_number(rng, 2, 3)}*{rng.randint(2, 9)}+{_number(rng, 3, 3)}"
+    raise ValueError(f"unknown problem kind {kind!r}; choose from {KINDS}")
 
 
-# ---- step-by-step solvers: each returns (lines, result) -----------------------------------
+# -----------------------------------------------------------------------------
+# Step-by-step solutions. Each step returns (lines, result).
 
-def _add(x, y):
-    sx, sy = str(x), str(y)
-    w = max(len(sx), len(sy))
-    sx, sy = sx.zfill(w), sy.zfill(w)
-    lines = [f"{sx}+{sy}"]
-    c = 0
-    for i in range(w):
-        da, db = int(sx[w - 1 - i]), int(sy[w - 1 - i])
-        s = da + db + c
-        lines.append(f"{da}+{db}+{c}={s:02d}")
-        c = s // 10
-    r = x + y
-    lines.append(f"={r}")
-    return lines, r
-
-
-def _sub(x, y):
-    sx, sy = str(x), str(y)
-    w = max(len(sx), len(sy))
-    sx, sy = sx.zfill(w), sy.zfill(w)
-    lines = [f"{sx}-{sy}"]
-    c = 0
-    for i in range(w):
-        da, db = int(sx[w - 1 - i]), int(sy[w - 1 - i])
-        s = da - db - c
-        borrow = 1 if s < 0 else 0
-        lines.append(f"{da}-{db}-{c}={borrow}{s % 10}")
-        c = borrow
-    r = x - y
-    lines.append(f"={r}")
-    return lines, r
+def _columns(x, y, op):
+    """x op y (op "+" or "-", x >= y for "-") column by column, least significant digit first."""
+    width = max(len(str(x)), len(str(y)))
+    sx, sy = str(x).zfill(width), str(y).zfill(width)
+    lines, carry = [f"{sx}{op}{sy}"], 0
+    for i in range(width - 1, -1, -1):
+        a, b = int(sx[i]), int(sy[i])
+        if op == "+":
+            s = a + b + carry
+            lines.append(f"{a}+{b}+{carry}={s:02d}")  # two digits: carry out, then the digit
+            carry = s // 10
+        else:
+            s = a - b - carry
+            borrow = int(s < 0)
+            lines.append(f"{a}-{b}-{carry}={borrow}{s % 10}")  # borrow out, then the digit
+            carry = borrow
+    result = x + y if op == "+" else x - y
+    return lines + [f"={result}"], result
 
 
-def _mul1(x, d):
-    sx = str(x)
-    lines = [f"{sx}*{d}"]
-    c = 0
-    for i in range(len(sx)):
-        da = int(sx[-1 - i])
-        p = da * d
-        t = p + c
-        lines.append(f"{da}*{d}={p:02d}+{c}={t:02d}")
-        c = t // 10
-    r = x * d
-    lines.append(f"={r}")
-    return lines, r
+def _times_digit(x, d):
+    """x * d for a single digit d: per digit of x, the times-table fact, then the carry added."""
+    lines, carry = [f"{x}*{d}"], 0
+    for ch in reversed(str(x)):
+        p = int(ch) * d
+        lines.append(f"{ch}*{d}={p:02d}+{carry}={p + carry:02d}")
+        carry = (p + carry) // 10
+    return lines + [f"={x * d}"], x * d
 
 
-def _mul(x, y):
-    sy = str(y)
-    if len(sy) == 1:
-        return _mul1(x, y)
-    lines, parts = [], []
-    for k in range(len(sy)):
-        l, p = _mul1(x, int(sy[-1 - k]))
-        lines += l
-        parts.append(p * 10 ** k)
-    acc = parts[0]
-    for p in parts[1:]:
-        l, acc = _add(acc, p)
-        lines += l
-    return lines, acc
+def _times(x, y):
+    """x * y: one partial product per digit of y (each its own step), then their sum."""
+    if y < 10:
+        return _times_digit(x, y)
+    lines, total = [], None
+    for k, ch in enumerate(reversed(str(y))):
+        step, part = _times_digit(x, int(ch))
+        lines += step
+        part *= 10 ** k  # the shift by the digit's place
+        if total is None:
+            total = part
+        else:
+            step, total = _columns(total, part, "+")
+            lines += step
+    return lines, total
+
+
+_STEP = {"+": lambda x, y: _columns(x, y, "+"), "-": lambda x, y: _columns(x, y, "-"), "*": _times}
+_QUESTION = re.compile(r"(\d+)([+*-])(\d+)(?:([+-])(\d+))?")
 
 
 def solve(question):
-    m = re.fullmatch(r"(\d+)([+\-*])(\d+)(?:([+\-])(\d+))?", question)
+    """(trace, answer) for a question made by make_problem. Operators apply left to right (the kinds
+    never put * after + or -). The trace has no <think> tags; see assistant_content."""
+    m = _QUESTION.fullmatch(question)
+    if m is None:
+        raise ValueError(f"not a toy question: {question!r}")
     a, op1, b, op2, c = m.groups()
-    a, b = int(a), int(b)
-    f = {"+": _add, "-": _sub, "*": _mul}
-    lines, r = f[op1](a, b)
+    lines, result = _STEP[op1](int(a), int(b))
     if op2:
-        l2, r = f[op2](r, int(c))
-        lines += l2
-    return "\n".join(lines), str(r)
+        step, result = _STEP[op2](result, int(c))  # the next step restates the result it starts from
+        lines += step
+    return "\n".join(lines), str(result)
+
+
+def kind_of(question):
+    """The kind of a question made by make_problem (for per-kind accuracy)."""
+    ops = "".join(ch for ch in question if ch in "+-*")
+    return {"+": "add", "-": "sub", "*": "mul", "+-": "add_sub", "*+": "mul_add"}[ops]
 
 
 def assistant_content(question, with_trace=True):
-    trace, ans = solve(question)
-    if not with_trace:
-        return f"<think>\n</think>\n\\boxed{{{ans}}}"
-    return f"<think>\n{trace}\n</think>\n\\boxed{{{ans}}}"
+    """The assistant message: the trace in <think> tags, then the boxed answer. with_trace=False
+    gives the ablation that must answer directly (the tags stay, empty, so the format is the same)."""
+    trace, answer = solve(question)
+    return f"<think>\n{trace if with_trace else ''}\n</think>\n\\boxed{{{answer}}}"
 
 
-def is_eval(question):
-    return zlib.crc32(question.encode()) % 16 == 0
+def is_held_out(question):
+    """True for the questions reserved for evaluation. A hash of the text, not a random draw, so a
+    question is on the same side for every seed and every corpus size."""
+    return zlib.crc32(question.encode()) % HELD_OUT_BUCKETS == 0
 
 
-def sample_questions(rng, n, kinds, weights, want_eval):
+def _questions(rng, n, weights, held_out, unique):
+    kinds, w = list(weights), list(weights.values())
     out, seen = [], set()
     while len(out) < n:
-        kind = rng.choices(kinds, weights)[0]
-        q = make_problem(rng, kind)
-        if is_eval(q) != want_eval or (want_eval and q in seen):
-            continue
-        seen.add(q)
-        out.append((kind, q))
+        q = make_problem(rng, rng.choices(kinds, w)[0])
+        if is_held_out(q) == held_out and not (unique and q in seen):
+            seen.add(q)
+            out.append(q)
     return out
+
+
+# -----------------------------------------------------------------------------
+# Facts: the one-step sub-skills of the traces, as drill sheets in exactly the trace's line formats.
+
+def _fact(rng):
+    a, b, c = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 1)
+    kind = rng.randrange(4)
+    if kind == 0:
+        return f"{a}+{b}+{c}={a + b + c:02d}"
+    if kind == 1:
+        s = a - b - c
+        return f"{a}-{b}-{c}={int(s < 0)}{s % 10}"
+    if kind == 2:
+        return f"{a}*{b}={a * b:02d}"
+    p, carry = a * b, rng.randint(0, 8)  # a product plus a carry: the second half of a "*" line
+    return f"{p:02d}+{carry}={p + carry:02d}"
+
+
+def facts(rng, n, lines_per_doc=12):
+    """n documents of random one-step facts, e.g. "7+5+1=13", "2-9-1=12", "7*8=56", "56+5=61"."""
+    return ["\n".join(_fact(rng) for _ in range(lines_per_doc)) for _ in range(n)]
+
+
+# -----------------------------------------------------------------------------
+
+def generate(seed=0, n_traces=40000, n_facts=4000, n_sft=6000, n_eval=400, with_trace=True):
+    """The whole corpus, deterministic in seed:
+      text_sources["toy-traces"]: worked problems as plain text, "question\\n" + assistant message;
+      text_sources["toy-facts"]:  drill sheets of one-step facts;
+      chat_sources["toy-sft"]:    [system, user, assistant] conversations (other problems);
+      eval: n_eval {"question", "answer"} records, equally many per kind, all distinct, none of them
+            a training question (they come from the held-out hash buckets).
+    with_trace=False answers every training problem without its trace (the no-reasoning ablation)."""
+    rng = random.Random(seed)
+    train = _questions(rng, n_traces + n_sft, TRAIN_WEIGHTS, held_out=False, unique=False)
+    traces = [f"{q}\n{assistant_content(q, with_trace)}" for q in train[:n_traces]]
+    sft = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q},
+            {"role": "assistant", "content": assistant_content(q, with_trace)}] for q in train[n_traces:]]
+    per_kind = [n_eval // len(KINDS) + (i < n_eval % len(KINDS)) for i in range(len(KINDS))]
+    evals = []
+    for kind, n in zip(KINDS, per_kind):
+        qs = _questions(rng, n, {kind: 1.0}, held_out=True, unique=True)
+        evals += [{"question": q, "answer": solve(q)[1]} for q in qs]
+    return {"text_sources": {"toy-traces": traces, "toy-facts": facts(rng, n_facts)},
+            "chat_sources": {"toy-sft": sft}, "eval": evals}

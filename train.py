@@ -53,13 +53,15 @@ from model import MobileLLM, ModelConfig, ModelError, config_from_dict
 # The embedded laptop run (`python train.py`): pre-train, then SFT, then held-out accuracy.
 # Each stage dict is exactly a set of command-line flags (printed in the log, so it can be re-run).
 TOY_DEFAULTS = {
-    "data": "data/toy", "out_dir": "out/toy", "eval_problems": 200, "max_new_tokens": 400,
-    "pretrain": dict(size="toy", stage="pretrain", mixture="toy", max_steps=600, batch_size=16,
-                     seq_len=256, total_batch_tokens=16 * 256, lr=2e-3, warmup_steps=50,
-                     eval_every=200, log_every=50, save_every=300),
-    "sft": dict(stage="sft", mixture="toy-sft=1", max_steps=600, batch_size=16, seq_len=256,
-                total_batch_tokens=16 * 256, lr=1e-3, warmup_steps=30, eval_every=200,
-                log_every=50, save_every=300),
+    "data": "data/toy", "out_dir": "out/toy", "eval_problems": 400, "max_new_tokens": 400,
+    # ~4.5M tokens of worked problems (about one epoch of toy-traces), then ~1,800 conversations.
+    "pretrain": dict(size="toy", stage="pretrain", mixture="toy", max_steps=1100, batch_size=16,
+                     seq_len=256, total_batch_tokens=16 * 256, lr=3e-3, warmup_steps=50,
+                     eval_every=500, log_every=50, save_every=500),
+    # SFT rows pack whole conversations (up to ~300 tokens each) into 512 tokens.
+    "sft": dict(stage="sft", mixture="toy-sft=1", max_steps=100, batch_size=8, seq_len=512,
+                total_batch_tokens=8 * 512, lr=1e-3, warmup_steps=10, eval_every=100,
+                log_every=20, save_every=100),
 }
 
 # Table: training recipe per stage (RECIPE section 4). Total batch = 16 nodes x 8 GPUs x BS x seq.

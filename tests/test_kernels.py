@@ -117,6 +117,13 @@ def test_fused_rectangular_tiles_and_default_tiles():
     check_against_naive(kernels.fused_attention, q, k, v, True, doc_ids, atol=1e-10)
 
 
+def test_fused_one_tile_pair_per_batch(monkeypatch):
+    monkeypatch.setattr(kernels, "TILE_BATCH_ELEMENTS", 1)
+    q, k, v = make_qkv(2, 4, 2, 30, 30, 8)
+    doc_ids = packed_doc_ids(2, 30, [[12, 18], [1, 2, 27]])
+    check_against_naive(fused_small_tiles, q, k, v, True, doc_ids, atol=1e-10)
+
+
 def test_fused_float32_and_bfloat16():
     q, k, v = make_qkv(2, 6, 2, 33, 33, 16, dtype=torch.float32)
     doc_ids = packed_doc_ids(2, 33, [[10, 23], [1, 31, 1]])
@@ -136,20 +143,31 @@ def test_float32_math_under_autocast():
     torch.testing.assert_close(loss.double(), naive_ce(hidden.detach(), weight.detach(), targets, "mean"))
 
 
+def plan_pairs(T, S, causal, doc_ids, block, max_pairs=100):
+    docs = (None, None)
+    if doc_ids is not None:
+        docs = (kernels._tile_ids(doc_ids[:, S - T:], block), kernels._tile_ids(doc_ids, block))
+    plan = kernels._tile_plan(T, S, causal, *docs, block, block, max_pairs, "cpu")
+    tiles = lambda i: list(range(i.start, i.stop)) if isinstance(i, slice) else i.tolist()  # noqa: E731
+    batches = [(list(zip(tiles(rows), tiles(cols))), masked) for rows, cols, masked in plan]
+    for pairs, _ in batches:  # a batch is one online-softmax step: one diagonal, no repeated tile
+        assert len({j - i for i, j in pairs}) == 1
+        assert len({i for i, _ in pairs}) == len(pairs) <= max_pairs
+    return batches
+
+
 def test_tile_plan_skips_masked_tiles():
-    # 4 aligned documents of 16 tokens, tiles of 8: per document 3 live tiles of the 2x2 causal
-    # block (one unmasked), nothing across documents.
+    # 4 aligned documents of 16 tokens, tiles of 8: per document the 3 live tiles of its 2x2 causal
+    # block; the diagonal tiles need the causal mask, the tile below does not.
     doc_ids = packed_doc_ids(1, 64, [[16, 16, 16, 16]])
-    plan = kernels._tile_plan(64, 64, True, doc_ids, 8, 8)
-    live = [(i, j, masked) for i, row in enumerate(plan) for j, masked in row]
-    assert len(live) == 4 * 3
-    assert all(i // 2 == j // 2 and j <= i for i, j, _ in live)
-    assert [(i, j) for i, j, masked in live if not masked] == [(1, 0), (3, 2), (5, 4), (7, 6)]
-    # causal only: the lower triangle, diagonal tiles masked; the KV-cache offset shifts it
-    plan = kernels._tile_plan(64, 64, True, None, 8, 8)
-    assert sum(len(row) for row in plan) == 8 * 9 // 2
-    plan = kernels._tile_plan(8, 64, True, None, 8, 8)
-    assert plan == [[(j, j == 7) for j in range(8)]]
+    batches = plan_pairs(64, 64, True, doc_ids, 8)
+    assert batches == [([(1, 0), (3, 2), (5, 4), (7, 6)], False), ([(i, i) for i in range(8)], True)]
+    assert [len(p) for p, _ in plan_pairs(64, 64, True, doc_ids, 8, max_pairs=3)] == [3, 1, 3, 3, 2]
+    # causal only: the lower triangle of tiles; the KV-cache offset moves the queries to the end
+    assert sum(len(p) for p, _ in plan_pairs(64, 64, True, None, 8)) == 8 * 9 // 2
+    assert plan_pairs(8, 64, True, None, 8) == [([(0, j)], j == 7) for j in range(8)]
+    # keys padded up to a whole tile must be masked even without causal or document masks
+    assert plan_pairs(20, 20, False, None, 8)[-1] == ([(0, 2)], True)
 
 
 def test_backend_switch_and_auto_choice(monkeypatch):
@@ -206,15 +224,17 @@ def loss_inputs(shape, d, V, dtype, seed=0):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("chunk_size", [3, None])
-def test_linear_cross_entropy_matches_naive(dtype, tol, reduction, chunk_size):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_linear_cross_entropy_matches_naive(dtype, tol, reduction, chunk_size, recompute):
     hidden, weight, targets = loss_inputs((3, 7), 12, 50, dtype)
     targets[0, :4] = -100
     targets[2, 6] = -100
-    loss = kernels.linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=chunk_size)
-    grads = torch.autograd.grad(loss, (hidden, weight))
+    loss = kernels.linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=chunk_size,
+                                        recompute=recompute)
+    grads = torch.autograd.grad(loss * 3, (hidden, weight))  # an upstream gradient other than 1
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     ref = naive_ce(h64, w64, targets, reduction)
-    ref_grads = torch.autograd.grad(ref, (h64, w64))
+    ref_grads = torch.autograd.grad(ref * 3, (h64, w64))
     assert loss.dtype == dtype
     torch.testing.assert_close(loss.double(), ref, atol=tol, rtol=tol)
     for g, r in zip(grads, ref_grads):
@@ -223,17 +243,20 @@ def test_linear_cross_entropy_matches_naive(dtype, tol, reduction, chunk_size):
     assert (grads[0][0, :4] == 0).all()  # ignored positions pass no gradient
 
 
-def test_linear_cross_entropy_none_reduction_custom_ignore_and_bf16():
+def test_linear_cross_entropy_custom_ignore_no_grad_and_bf16():
     hidden, weight, targets = loss_inputs((10,), 8, 30, torch.float64)
     targets[3] = 7
-    per_row = kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=7, reduction="none", chunk_size=4)
-    ref = F.cross_entropy(hidden @ weight.T, targets, ignore_index=7, reduction="none")
-    torch.testing.assert_close(per_row, ref)
+    ref = F.cross_entropy(hidden @ weight.T, targets, ignore_index=7)
+    with torch.no_grad():
+        loss = kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=7, chunk_size=4)
+    torch.testing.assert_close(loss, ref.detach())
     hb, wb, tb = loss_inputs((2, 9), 16, 40, torch.bfloat16)
-    loss = kernels.linear_cross_entropy(hb, wb, tb, chunk_size=5)
-    loss.backward()
+    for recompute in (True, False):
+        loss = kernels.linear_cross_entropy(hb, wb, tb, chunk_size=5, recompute=recompute)
+        loss.backward()
     ref = naive_ce(hb.detach(), wb.detach(), tb, "mean")  # same bf16 inputs, float64 math
-    torch.testing.assert_close(loss.double(), ref, atol=1e-2, rtol=1e-2)
+    assert loss.dtype == torch.float32  # the loss value is reported in float32
+    torch.testing.assert_close(loss.double(), ref, atol=1e-4, rtol=1e-4)
     assert hb.grad.dtype == torch.bfloat16 and torch.isfinite(wb.grad.float()).all()
 
 
@@ -246,6 +269,14 @@ def test_linear_cross_entropy_all_ignored_is_zero():
     assert (hidden.grad == 0).all() and (weight.grad == 0).all()
 
 
+def test_gradients_from_forward_refuse_a_second_backward():
+    hidden, weight, targets = loss_inputs((4,), 4, 10, torch.float32)
+    loss = kernels.linear_cross_entropy(hidden, weight, targets, recompute=False)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="recompute=True"):
+        loss.backward()
+
+
 def naive_distill(sh, sw, th, tw, mask, temperature, reduction):
     log_ps = F.log_softmax((sh.double() @ sw.double().T) / temperature, -1)
     log_pt = F.log_softmax((th.double() @ tw.double().T) / temperature, -1)
@@ -255,18 +286,17 @@ def naive_distill(sh, sw, th, tw, mask, temperature, reduction):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-@pytest.mark.parametrize("reduction,temperature,use_mask", [("mean", 1.0, True), ("sum", 2.0, False), ("mean", 0.5, False)])
-def test_distill_loss_matches_naive(dtype, tol, reduction, temperature, use_mask):
+@pytest.mark.parametrize("reduction,temperature,use_mask,recompute",
+                         [("mean", 1.0, True, True), ("sum", 2.0, False, True), ("mean", 0.5, True, False)])
+def test_distill_loss_matches_naive(dtype, tol, reduction, temperature, use_mask, recompute):
     sh, sw, _ = loss_inputs((2, 6), 10, 40, dtype, seed=0)
     th, tw, _ = loss_inputs((2, 6), 14, 40, dtype, seed=1)  # teacher of another width
-    th.requires_grad_(False)
-    tw.requires_grad_(False)
     mask = torch.tensor([[1, 1, 0, 1, 0, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool) if use_mask else None
-    loss = kernels.distill_loss(sh, sw, th, tw, mask, temperature, reduction, chunk_size=4)
-    grads = torch.autograd.grad(loss, (sh, sw))
+    loss = kernels.distill_loss(sh, sw, th, tw, mask, temperature, reduction, chunk_size=4, recompute=recompute)
+    grads = torch.autograd.grad(loss * 3, (sh, sw))
     s64 = [x.detach().double().requires_grad_() for x in (sh, sw)]
-    ref = naive_distill(*s64, th, tw, mask, temperature, reduction)
-    ref_grads = torch.autograd.grad(ref, s64)
+    ref = naive_distill(*s64, th.detach(), tw.detach(), mask, temperature, reduction)
+    ref_grads = torch.autograd.grad(ref * 3, s64)
     torch.testing.assert_close(loss.double(), ref, atol=tol, rtol=tol)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r, atol=tol, rtol=tol)
@@ -274,13 +304,13 @@ def test_distill_loss_matches_naive(dtype, tol, reduction, temperature, use_mask
         assert (grads[0][~mask] == 0).all()
 
 
-def test_distill_into_identical_copy_is_zero_and_teacher_gets_no_grad():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_distill_into_identical_copy_is_zero_and_teacher_gets_no_grad(recompute):
     sh, sw, _ = loss_inputs((3, 5), 8, 30, torch.float32)
     th, tw = sh.detach().clone().requires_grad_(), sw.detach().clone().requires_grad_()
-    loss = kernels.distill_loss(sh, sw, th, tw, temperature=2.0, chunk_size=4)
+    loss = kernels.distill_loss(sh, sw, th, tw, temperature=2.0, chunk_size=4, recompute=recompute)
     loss.backward()
     assert loss.item() == 0.0
     assert (sh.grad == 0).all() and (sw.grad == 0).all()
     assert th.grad is None and tw.grad is None
-    per_pos = kernels.distill_loss(sh, sw, th * 2, tw, reduction="none")
-    assert per_pos.shape == (3, 5) and (per_pos > 0).all()
+    assert kernels.distill_loss(sh, sw, th * 2, tw, reduction="sum") > 0
