@@ -464,15 +464,14 @@ def print_goals(rows):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="ours vs the reference implementation: time and memory",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="ours vs the reference implementation: time and memory")
     p.add_argument("--quick", action="store_true", help="one repetition, fewer shapes (~2 minutes on 2 cores)")
     p.add_argument("--only", help="comma-separated substrings: run the sections whose name contains one "
                                   "(train 140m, train toy, generate 140m, attention, loss, sampler, cuda)")
     p.add_argument("--json", help="also write the rows to this file as JSON")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: torch's, here %(default)s)")
     p.add_argument("--reps", type=int, help="timed repetitions per side (default 5, 1 with --quick)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per side first")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per side first (default 1)")
     p.add_argument("--lengths", help="attention sequence lengths (default 1024,2048,4096; 1024,4096 with --quick)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of each side")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory measurement process

@@ -216,7 +216,9 @@ class MobileLLM(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
+        # Fused on CPU too (torch >= 2.4; HF's Trainer default): the foreach kernels allocate
+        # model-sized temporaries and cost ~0.85 s per 140m step on one CPU thread, fused ~0.11 s.
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type in ("cuda", "cpu"))
 
     def forward_hidden(self, idx, doc_ids=None, cache=None):
         """Final-normed hidden states (B, T, d_model). doc_ids (B, T) keeps packed documents apart."""
@@ -244,7 +246,9 @@ class MobileLLM(nn.Module):
         if targets is None:
             return F.linear(h, self.lm_head_weight)
         if not return_logits:
-            return None, kernels.linear_cross_entropy(h, self.lm_head_weight, targets, reduction=loss_reduction)
+            # recompute=False: gradients made in the forward, 3 vocabulary-sized matmuls instead of 4
+            return None, kernels.linear_cross_entropy(h, self.lm_head_weight, targets, reduction=loss_reduction,
+                                                      recompute=False)
         logits = F.linear(h, self.lm_head_weight)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                reduction=loss_reduction)

@@ -50,6 +50,12 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 KINDS = ("add", "sub", "mul", "add_sub", "mul_add")
 # Share of each kind among training problems: the long multi-step kinds need more examples.
 TRAIN_WEIGHTS = {"add": 1.0, "sub": 1.0, "mul": 3.0, "add_sub": 1.5, "mul_add": 1.5}
+# Between question and answer in the pre-training text: as many characters as the chat template puts
+# between the user's last token and the assistant's first (<|eot_id|> <|start_header_id|> "assistant"
+# <|end_header_id|> "\n\n" = 14 byte-level tokens), so every look-back into the question that
+# pre-training teaches spans the same distance after SFT's chat template (without it, the first SFT
+# steps must re-learn them, and some runs copy the wrong operator).
+TEXT_SEPARATOR = "\n\nassistant:\n\n"
 HELD_OUT_BUCKETS = 16  # 1 in 16 questions (by a hash of the text) may appear only in the eval set
 
 
@@ -199,7 +205,7 @@ def facts(rng, n, lines_per_doc=12):
 
 def generate(seed=0, n_traces=40000, n_facts=4000, n_sft=6000, n_eval=400, with_trace=True):
     """The whole corpus, deterministic in seed:
-      text_sources["toy-traces"]: worked problems as plain text, "question\\n" + assistant message;
+      text_sources["toy-traces"]: worked problems as plain text: question, TEXT_SEPARATOR, assistant message;
       text_sources["toy-facts"]:  drill sheets of one-step facts;
       chat_sources["toy-sft"]:    [system, user, assistant] conversations (other problems);
       eval: n_eval {"question", "answer"} records, equally many per kind, all distinct, none of them
@@ -207,7 +213,7 @@ def generate(seed=0, n_traces=40000, n_facts=4000, n_sft=6000, n_eval=400, with_
     with_trace=False answers every training problem without its trace (the no-reasoning ablation)."""
     rng = random.Random(seed)
     train = _questions(rng, n_traces + n_sft, TRAIN_WEIGHTS, held_out=False, unique=False)
-    traces = [f"{q}\n{assistant_content(q, with_trace)}" for q in train[:n_traces]]
+    traces = [f"{q}{TEXT_SEPARATOR}{assistant_content(q, with_trace)}" for q in train[:n_traces]]
     sft = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q},
             {"role": "assistant", "content": assistant_content(q, with_trace)}] for q in train[n_traces:]]
     per_kind = [n_eval // len(KINDS) + (i < n_eval % len(KINDS)) for i in range(len(KINDS))]

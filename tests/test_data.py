@@ -430,10 +430,11 @@ def test_presets_and_bad_mixtures(mixdir, tmp_path, capsys):
 
 def test_write_toy_with_a_generator(tmp_path, monkeypatch, capsys):
     """write_toy's contract with toydata.py: generate(seed) -> text_sources, chat_sources, eval."""
-    def generate(seed):
+    def generate(seed, with_trace=True):
         rng = random.Random(seed)
         qs = [f"{rng.randint(100, 999)}+{rng.randint(100, 999)}" for _ in range(30)]
-        sft = [[{"role": "user", "content": q}, {"role": "assistant", "content": str(eval(q))}] for q in qs[:20]]
+        answer = (lambda q: f"{q}={eval(q)}") if with_trace else (lambda q: str(eval(q)))
+        sft = [[{"role": "user", "content": q}, {"role": "assistant", "content": answer(q)}] for q in qs[:20]]
         traces = [f"{q}=\\boxed{{{eval(q)}}}" for q in qs[:20]]
         return {"text_sources": {"toy-traces": traces, "toy-facts": ["7*8=56"] * 5},
                 "chat_sources": {"toy-sft": sft},
@@ -448,15 +449,15 @@ def test_write_toy_with_a_generator(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     data.write_toy(out, seed=3)
     assert "nothing to do" in capsys.readouterr().out
+    # The no-trace ablation is another corpus: asking for it rebuilds instead of reusing this one.
+    data.write_toy(out, seed=3, with_trace=False)
+    assert "nothing to do" not in capsys.readouterr().out
+    assert "+" not in open(os.path.join(out, "raw", "toy-sft.jsonl")).read().split('"assistant"')[1][:40]
 
 
-@pytest.mark.slow
 def test_write_toy_with_toydata(tmp_path):
     """The real generator (toydata.py) end to end: the toy preset and the SFT set are servable, and no
     eval question appears in the training data."""
-    toydata = pytest.importorskip("toydata")
-    if not hasattr(toydata, "generate"):
-        pytest.skip("toydata.generate(seed) not written yet")
     out = str(tmp_path / "toy")
     info = data.write_toy(out, seed=0)
     assert {"toy-traces", "toy-facts", "toy-sft"} <= set(info["sources"])
@@ -465,8 +466,14 @@ def test_write_toy_with_toydata(tmp_path):
     x, y, doc_ids = data.MixtureSampler(out, "toy-sft=1", seq_len=256, batch_size=4).next_batch()
     assert doc_ids is not None and (y != -100).any()
     questions = {r["question"] for r in data.load_eval_set(os.path.join(out, "eval.jsonl"))}
-    corpus = "".join(open(os.path.join(out, "raw", f"{name}.jsonl")).read() for name in info["sources"])
-    leaked = [q for q in questions if re.search(r"(?<!\w)" + re.escape(json.dumps(q)[1:-1]) + r"(?!\w)", corpus)]
+    # Training problems: the first line of every worked trace and the user turn of every conversation.
+    # (A sub-step of a longer training problem, e.g. the partial product 93*3 of 93*37, may coincide
+    # with a held-out question; the held-out question itself is never trained on.)
+    raw = os.path.join(out, "raw")
+    trained = {json.loads(line)["text"].split("\n")[0] for line in open(os.path.join(raw, "toy-traces.jsonl"))}
+    trained |= {m["content"] for line in open(os.path.join(raw, "toy-sft.jsonl"))
+                for m in json.loads(line)["messages"] if m["role"] == "user"}
+    leaked = questions & trained
     assert questions and not leaked
 
 
