@@ -84,54 +84,70 @@ def make_problem(rng, kind):
 # -----------------------------------------------------------------------------
 # Step-by-step solutions. Each step returns (lines, result).
 
-def _columns(x, y, op):
-    """x op y (op "+" or "-", x >= y for "-") column by column, least significant digit first."""
-    width = max(len(str(x)), len(str(y)))
-    sx, sy = str(x).zfill(width), str(y).zfill(width)
-    lines, carry = [f"{sx}{op}{sy}"], 0
-    for i in range(width - 1, -1, -1):
-        a, b = int(sx[i]), int(sy[i])
+def _columns(sx, sy, op, final):
+    """sx op sy (digit strings of equal width; op "+" or "-", sx >= sy for "-") column by column,
+    least significant digit first, then the result line ("=" + digits)."""
+    lines, carry, digits = [], 0, ""
+    for a, b in zip(map(int, reversed(sx)), map(int, reversed(sy))):
         if op == "+":
             s = a + b + carry
             lines.append(f"{a}+{b}+{carry}={s:02d}")  # two digits: carry out, then the digit
-            carry = s // 10
+            carry, digits = s // 10, str(s % 10) + digits
         else:
             s = a - b - carry
             borrow = int(s < 0)
             lines.append(f"{a}-{b}-{carry}={borrow}{s % 10}")  # borrow out, then the digit
-            carry = borrow
-    result = x + y if op == "+" else x - y
-    return lines + [f"={result}"], result
+            carry, digits = borrow, str(s % 10) + digits
+    if op == "+":
+        digits = str(carry) + digits
+    return lines, _result(digits, final)
 
 
-def _times_digit(x, d):
-    """x * d for a single digit d: per digit of x, the times-table fact, then the carry added."""
-    lines, carry = [f"{x}*{d}"], 0
-    for ch in reversed(str(x)):
+def _result(digits, final):
+    """A step's result: every column's digit (fixed width, so the next step finds each digit at a
+    fixed place) for an intermediate result; without leading zeros for the final answer."""
+    return digits.lstrip("0") or "0" if final else digits
+
+
+def _times_digit(sx, d, final):
+    """sx * d for a single digit d: per digit, the times-table fact, then the carry added."""
+    lines, carry, digits = [], 0, ""
+    for ch in reversed(sx):
         p = int(ch) * d
         lines.append(f"{ch}*{d}={p:02d}+{carry}={p + carry:02d}")
-        carry = (p + carry) // 10
-    return lines + [f"={x * d}"], x * d
+        carry, digits = (p + carry) // 10, str((p + carry) % 10) + digits
+    return lines, _result(str(carry) + digits, final)
 
 
-def _times(x, y):
-    """x * y: one partial product per digit of y (each its own step), then their sum."""
-    if y < 10:
-        return _times_digit(x, y)
-    lines, total = [], None
-    for k, ch in enumerate(reversed(str(y))):
-        step, part = _times_digit(x, int(ch))
-        lines += step
-        part *= 10 ** k  # the shift by the digit's place
-        if total is None:
-            total = part
-        else:
-            step, total = _columns(total, part, "+")
-            lines += step
-    return lines, total
+def _pad(sx, sy):
+    width = max(len(sx), len(sy))
+    return sx.zfill(width), sy.zfill(width)
 
 
-_STEP = {"+": lambda x, y: _columns(x, y, "+"), "-": lambda x, y: _columns(x, y, "-"), "*": _times}
+def _step(left, op, right, final, restated):
+    """One step: its restatement line, its lines, and its result. `restated` is the line the step
+    starts from (None: write "left op right" with zero-padding; otherwise the previous step's result
+    line, which already holds its first operand)."""
+    if op == "*" and len(right) == 2:
+        # A two-digit multiplier: the ones' partial product, then the tens' one, shifted by a 0,
+        # plus the first (restated on the tens' result line, so no result is ever copied).
+        ones, p1 = _step(left, "*", right[1], False, restated)
+        tens, p10 = _step(left, "*", right[0], False, None)
+        sx, sy = _pad(p10 + "0", p1)
+        tens[-1] = f"={sx}+{sy}"
+        add, total = _columns(sx, sy, "+", final)
+        return ones + tens + add + [f"={total}"], total
+    if restated is None:
+        if op != "*":
+            left, right = _pad(left, right)
+        restated = f"{left}{op}{right}"
+    if op == "*":
+        lines, result = _times_digit(left, int(right), final)
+    else:
+        lines, result = _columns(left, right, op, final)
+    return [restated] + lines + [f"={result}"], result
+
+
 _QUESTION = re.compile(r"(\d+)([+*-])(\d+)(?:([+-])(\d+))?")
 
 
@@ -142,11 +158,13 @@ def solve(question):
     if m is None:
         raise ValueError(f"not a toy question: {question!r}")
     a, op1, b, op2, c = m.groups()
-    lines, result = _STEP[op1](int(a), int(b))
+    lines, result = _step(a, op1, b, final=not op2, restated=None)
     if op2:
-        step, result = _STEP[op2](result, int(c))  # the next step restates the result it starts from
-        lines += step
-    return "\n".join(lines), str(result)
+        # The next step starts on the first step's result line: "=0579" becomes "=0579-0321".
+        c = c.zfill(len(result))
+        step, result = _step(result, op2, c, final=True, restated=f"={result}{op2}{c}")
+        lines = lines[:-1] + step
+    return "\n".join(lines), result
 
 
 def kind_of(question):
