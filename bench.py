@@ -2,8 +2,8 @@
 Speed and memory side by side with the reference implementation, in one process, same threads, same
 weights: warm-up first, then repetitions alternating ours and the reference, median reported.
 
-    python bench.py                          # every comparison (~10 minutes on a 2-core CPU)
-    python bench.py --quick                  # one timed repetition, fewer shapes: ~2 minutes
+    python bench.py                          # every comparison (~6 minutes on a 2-core CPU)
+    python bench.py --quick                  # one timed repetition, fewer shapes: under 2 minutes
     python bench.py --only attention,loss    # sections whose name contains one of these
     python bench.py --json results.json      # the rows as JSON: name, ours, reference, unit, ratio
     python bench.py --profile --only "train 140m"   # top operators (self CPU time) of both sides
@@ -325,7 +325,8 @@ def bench_attention(args):
 
 
 def bench_loss(args):
-    modes = {"recompute": True, "grads in forward": False}
+    # --quick: only the mode model.py trains with
+    modes = {"grads in forward": False} if args.quick else {"recompute": True, "grads in forward": False}
     shapes = [dict(batch=b, seq=t) for b, t in args.loss_shapes]
     mem = {"ours": measure_memory("loss", [dict(s, recompute=r) for s in shapes for r in modes.values()],
                                   "ours", args.threads),

@@ -17,7 +17,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -476,3 +477,50 @@ def config_from_dict(d):
     if unknown:
         raise ModelError(f"unknown model config fields {sorted(unknown)}: checkpoint from another version?")
     return ModelConfig(**d)
+
+
+# -----------------------------------------------------------------------------
+# Our checkpoints (train.py writes run_dir/ckpt_{step:07d}.pt) and Hugging Face folders, one loader
+
+def latest_checkpoint(run_dir):
+    """Path of the newest ckpt_*.pt in run_dir, or None."""
+    ckpts = sorted(Path(run_dir).glob("ckpt_*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def read_checkpoint(path):
+    path = Path(path)
+    file = latest_checkpoint(path) if path.is_dir() else path
+    if file is None or not file.is_file():
+        raise ModelError(f"no checkpoint at {path}: pass a ckpt_*.pt file, a run folder holding one, "
+                         "or a Hugging Face folder with config.json")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: say which one, not a pickle traceback
+        raise ModelError(f"cannot read checkpoint {file} ({type(e).__name__}): is it one of ours?")
+    return ckpt, file
+
+
+def model_from_checkpoint(ckpt, file):
+    """The model a checkpoint of ours holds; a ModelError naming the file when it holds none that fits."""
+    try:
+        model = MobileLLM(config_from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, IndexError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{file} is not a model checkpoint of ours, or its weights do not fit its config ({reason})")
+    return model
+
+
+def load_model(path, device="cpu"):
+    """(model, tokenizer name, meta) from our checkpoint file or run folder, or a Hugging Face folder.
+    meta is the checkpoint without weights and optimizer (config, step, args, stage, ...)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        model = MobileLLM.from_hf(str(path), device=device)
+        tokenizer = str(path) if (path / "tokenizer.json").is_file() else "llama3"
+        return model, tokenizer, {"config": asdict(model.config), "path": str(path), "format": "hf"}
+    ckpt, file = read_checkpoint(path)
+    model = model_from_checkpoint(ckpt, file)
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+    return model.to(device), ckpt["tokenizer"], dict(meta, path=str(file), format="ours")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from data import (DEFAULT_SYSTEM_PROMPT, DataError, extract_boxed, get_tokenizer, load_eval_set,
                   normalize_answer, render_chat, stop_ids)
-from model import MobileLLM, ModelError
+from model import MobileLLM, ModelError, latest_checkpoint, load_model
 
 DEFAULT_CKPT = "out/toy"  # where `python train.py` saves the toy run
 DEFAULT_EVAL = "data/toy/eval.jsonl"  # held-out problems written by `python data.py toy`
@@ -71,7 +71,6 @@ def load(args, device):
         model = MobileLLM.from_hf(args.hf, device=device)
         enc = get_tokenizer(args.hf)
     else:
-        from train import latest_checkpoint, load_model  # importing train.py has no side effects
         if args.ckpt is None and latest_checkpoint(DEFAULT_CKPT) is None:
             raise SampleError(f"no checkpoint in {DEFAULT_CKPT}: run `python train.py` first "
                               "(or pass --ckpt DIR or --hf DIR)")

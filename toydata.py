@@ -180,6 +180,12 @@ def assistant_content(question, with_trace=True):
     return f"<think>\n{trace if with_trace else ''}\n</think>\n\\boxed{{{answer}}}"
 
 
+def conversation(question, with_trace=True):
+    """[system, user, assistant] messages for one problem, as SFT and the held-out loss use them."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question},
+            {"role": "assistant", "content": assistant_content(question, with_trace)}]
+
+
 def is_held_out(question):
     """True for the questions reserved for evaluation. A hash of the text, not a random draw, so a
     question is on the same side for every seed and every corpus size."""
@@ -227,17 +233,21 @@ def generate(seed=0, n_traces=40000, n_facts=4000, n_sft=6000, n_eval=400, with_
       text_sources["toy-facts"]:  drill sheets of one-step facts;
       chat_sources["toy-sft"]:    [system, user, assistant] conversations (other problems);
       eval: n_eval {"question", "answer"} records, equally many per kind, all distinct, none of them
-            a training question (they come from the held-out hash buckets).
+            a training question (they come from the held-out hash buckets);
+      text_sources["toy-heldout"], chat_sources["toy-heldout-sft"]: the eval problems worked, in the
+            pre-training and the SFT format, for held-out losses (train.py --eval-mixture); never trained on.
     with_trace=False answers every training problem without its trace (the no-reasoning ablation)."""
     rng = random.Random(seed)
     train = _questions(rng, n_traces + n_sft, TRAIN_WEIGHTS, held_out=False, unique=False)
     traces = [f"{q}{TEXT_SEPARATOR}{assistant_content(q, with_trace)}" for q in train[:n_traces]]
-    sft = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q},
-            {"role": "assistant", "content": assistant_content(q, with_trace)}] for q in train[n_traces:]]
+    sft = [conversation(q, with_trace) for q in train[n_traces:]]
     per_kind = [n_eval // len(KINDS) + (i < n_eval % len(KINDS)) for i in range(len(KINDS))]
     evals = []
     for kind, n in zip(KINDS, per_kind):
         qs = _questions(rng, n, {kind: 1.0}, held_out=True, unique=True)
         evals += [{"question": q, "answer": solve(q)[1]} for q in qs]
-    return {"text_sources": {"toy-traces": traces, "toy-facts": facts(rng, n_facts)},
-            "chat_sources": {"toy-sft": sft}, "eval": evals}
+    heldout = [e["question"] for e in evals]
+    return {"text_sources": {"toy-traces": traces, "toy-facts": facts(rng, n_facts),
+                             "toy-heldout": [f"{q}{TEXT_SEPARATOR}{assistant_content(q, with_trace)}" for q in heldout]},
+            "chat_sources": {"toy-sft": sft, "toy-heldout-sft": [conversation(q, with_trace) for q in heldout]},
+            "eval": evals}

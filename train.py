@@ -47,7 +47,9 @@ from tqdm import tqdm
 
 import data
 import kernels
-from model import MobileLLM, ModelConfig, ModelError, config_from_dict
+import sample
+from model import (MobileLLM, ModelConfig, ModelError, latest_checkpoint, load_model, model_from_checkpoint,
+                   read_checkpoint)
 
 # -------------------------------------------------------------------------------------------------
 # The embedded laptop run (`python train.py`): pre-train, then SFT, then held-out accuracy.
@@ -55,13 +57,15 @@ from model import MobileLLM, ModelConfig, ModelError, config_from_dict
 TOY_DEFAULTS = {
     "data": "data/toy", "out_dir": "out/toy", "eval_problems": 400, "max_new_tokens": 400,
     # ~4.5M tokens of worked problems (about one epoch of toy-traces), then ~1,800 conversations.
+    # The eval loss: the 400 held-out problems, worked (toy-heldout, ~174 rows: 11 batches of 16).
     "pretrain": dict(size="toy", stage="pretrain", mixture="toy", max_steps=1100, batch_size=16,
                      seq_len=256, total_batch_tokens=16 * 256, lr=3e-3, warmup_steps=50,
-                     eval_every=500, log_every=50, save_every=500),
-    # SFT rows pack whole conversations (up to ~300 tokens each) into 512 tokens.
+                     eval_every=500, log_every=50, save_every=500, eval_mixture="toy-heldout=1", eval_batches=11),
+    # SFT rows pack whole conversations (up to ~300 tokens each) into 512 tokens. The eval loss: the
+    # assistant tokens of the held-out problems as conversations (toy-heldout-sft, ~200 rows).
     "sft": dict(stage="sft", mixture="toy-sft=1", max_steps=100, batch_size=8, seq_len=512,
                 total_batch_tokens=8 * 512, lr=1e-3, warmup_steps=10, eval_every=100,
-                log_every=20, save_every=100),
+                log_every=20, save_every=100, eval_mixture="toy-heldout-sft=1", eval_batches=25),
 }
 
 # Table: training recipe per stage (RECIPE section 4). Total batch = 16 nodes x 8 GPUs x BS x seq.
@@ -223,6 +227,7 @@ class Logger:
         if not self.rt.master:
             return
         (self.bar.write if self.bar is not None else print)(msg)
+        sys.stdout.flush()  # a line per step also when stdout is a file or a pipe (nohup, tee)
         with open(self.path, "a") as f:
             f.write(msg + "\n")
 
@@ -271,50 +276,6 @@ def memory_estimate(model, args, device_type, teacher=None):
 
 # -------------------------------------------------------------------------------------------------
 # Checkpoints: run_dir/ckpt_{step:07d}.pt, written atomically, last K kept
-
-def latest_checkpoint(run_dir):
-    """Path of the newest ckpt_*.pt in run_dir, or None."""
-    ckpts = sorted(Path(run_dir).glob("ckpt_*.pt"))
-    return ckpts[-1] if ckpts else None
-
-
-def read_checkpoint(path):
-    path = Path(path)
-    file = latest_checkpoint(path) if path.is_dir() else path
-    if file is None or not file.is_file():
-        raise ModelError(f"no checkpoint at {path}: pass a ckpt_*.pt file, a run folder holding one, "
-                         "or a Hugging Face folder with config.json")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file: say which one, not a pickle traceback
-        raise ModelError(f"cannot read checkpoint {file} ({type(e).__name__}): is it one of ours?")
-    return ckpt, file
-
-
-def model_from_checkpoint(ckpt, file):
-    """The model a checkpoint of ours holds; a ModelError naming the file when it holds none that fits."""
-    try:
-        model = MobileLLM(config_from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, IndexError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{file} is not a model checkpoint of ours, or its weights do not fit its config ({reason})")
-    return model
-
-
-def load_model(path, device="cpu"):
-    """(model, tokenizer name, meta) from our checkpoint file or run folder, or a Hugging Face folder.
-    meta is the checkpoint without weights and optimizer (config, step, args, stage, ...)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        model = MobileLLM.from_hf(str(path), device=device)
-        tokenizer = str(path) if (path / "tokenizer.json").is_file() else "llama3"
-        return model, tokenizer, {"config": asdict(model.config), "path": str(path), "format": "hf"}
-    ckpt, file = read_checkpoint(path)
-    model = model_from_checkpoint(ckpt, file)
-    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
-    return model.to(device), ckpt["tokenizer"], dict(meta, path=str(file), format="ours")
-
 
 def rng_state():
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -640,7 +601,6 @@ def run_toy(rt):
         return
     print(f"\ntoy training done in {(time.time() - t_start) / 60:.1f} min; model in {out}/")
     # Scored exactly as `python sample.py --eval N` scores it: greedy, last \boxed{} (RECIPE section 6).
-    import sample  # imported here: sample.py itself imports train.py for load_model
     flags = ["--ckpt", out, "--eval", TOY_DEFAULTS["eval_problems"], "--eval-file", data_dir / "eval.jsonl",
              "--max-new-tokens", TOY_DEFAULTS["max_new_tokens"], "--device", str(rt.device)]
     print(f"== python sample.py {' '.join(map(str, flags))}")
@@ -659,6 +619,10 @@ def main(argv=None):
         else:
             args = parse_args(argv)
             train(args, Runtime(args.device))
+        if dist.is_initialized():
+            # every rank done (rank 0 may still be writing the last checkpoint) before the process group
+            # goes: a rank tearing gloo down while its peer is mid-collective can abort (SIGABRT)
+            dist.barrier()
     except (ModelError, data.DataError, TrainError) as e:
         if int(os.environ.get("RANK", 0)) == 0:  # every rank fails alike: say it once
             print(f"error: {e}", file=sys.stderr)

@@ -459,7 +459,7 @@ def test_write_toy_with_toydata(tmp_path):
     eval question appears in the training data."""
     out = str(tmp_path / "toy")
     info = data.write_toy(out, seed=0)
-    assert {"toy-traces", "toy-facts", "toy-sft"} <= set(info["sources"])
+    assert {"toy-traces", "toy-facts", "toy-sft", "toy-heldout", "toy-heldout-sft"} <= set(info["sources"])
     x, y, doc_ids = data.MixtureSampler(out, "toy", seq_len=256, batch_size=4).next_batch()
     assert doc_ids is None and x.max() < 272
     x, y, doc_ids = data.MixtureSampler(out, "toy-sft=1", seq_len=256, batch_size=4).next_batch()
@@ -474,6 +474,15 @@ def test_write_toy_with_toydata(tmp_path):
                 for m in json.loads(line)["messages"] if m["role"] == "user"}
     leaked = questions & trained
     assert questions and not leaked
+    # The held-out loss sets are exactly the eval problems, worked, with the eval answers boxed.
+    evals = data.load_eval_set(os.path.join(out, "eval.jsonl"))
+    chats = [json.loads(line)["messages"] for line in open(os.path.join(raw, "toy-heldout-sft.jsonl"))]
+    texts = [json.loads(line)["text"] for line in open(os.path.join(raw, "toy-heldout.jsonl"))]
+    assert [m[1]["content"] for m in chats] == [t.split("\n")[0] for t in texts] == [r["question"] for r in evals]
+    assert [data.extract_boxed(m[2]["content"]) for m in chats] == [r["answer"] for r in evals]
+    assert [data.extract_boxed(t) for t in texts] == [r["answer"] for r in evals]
+    x, y, doc_ids = data.MixtureSampler(out, "toy-heldout-sft=1", seq_len=512, batch_size=4).next_batch()
+    assert doc_ids is not None and (y != -100).any()
 
 
 # -----------------------------------------------------------------------------

@@ -331,8 +331,10 @@ def test_toy_default_runs_the_whole_pipeline(corpus, tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data, "write_toy", lambda out, seed=0: shutil.copytree(corpus, out, dirs_exist_ok=True))
     small = dict(max_steps=2, batch_size=2, seq_len=64, total_batch_tokens=128, log_every=1, eval_every=2)
-    monkeypatch.setitem(train.TOY_DEFAULTS, "pretrain", dict(train.TOY_DEFAULTS["pretrain"], mixture="arith=1", **small))
-    monkeypatch.setitem(train.TOY_DEFAULTS, "sft", dict(train.TOY_DEFAULTS["sft"], mixture="arith-chat=1", **small))
+    monkeypatch.setitem(train.TOY_DEFAULTS, "pretrain", dict(train.TOY_DEFAULTS["pretrain"], mixture="arith=1",
+                                                                 eval_mixture="arith-chat=1", **small))
+    monkeypatch.setitem(train.TOY_DEFAULTS, "sft", dict(train.TOY_DEFAULTS["sft"], mixture="arith-chat=1",
+                                                            eval_mixture="arith-chat=1", **small))
     monkeypatch.setitem(train.TOY_DEFAULTS, "max_new_tokens", 8)
     assert run() == 0
     out = capsys.readouterr().out
