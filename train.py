@@ -350,10 +350,18 @@ def build_model(args, rt, tokenizer):
 
 
 def load_teacher(args, rt, student):
-    teacher, _, _ = load_model(args.teacher)
+    teacher, _, meta = load_model(args.teacher)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise TrainError(f"--teacher {args.teacher} has a vocabulary of {teacher.config.vocab_size}, the "
                          f"student {student.config.vocab_size}: logit distillation needs the same tokenizer")
+    # A teacher asked about positions it never trained on answers badly, and the student learns that:
+    # at toy scale, a teacher trained on 256-token rows had loss 0.83 at positions 257-512 (0.24
+    # before) and distilling from it at 512 made the student worse than plain cross-entropy.
+    trained = (meta.get("args") or {}).get("seq_len") or teacher.config.max_seq_len
+    if args.seq_len > trained and rt.master:
+        print(f"warning: --teacher {args.teacher} was trained on {trained}-token rows, --seq-len is "
+              f"{args.seq_len}: it has never seen the later positions; distil at --seq-len {trained} or "
+              "use a teacher trained on longer rows", file=sys.stderr)
     # Inference only: bf16 on CUDA, no grads, kept out of the optimizer, DDP and the checkpoint.
     dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
     teacher = teacher.to(rt.device, dtype).eval()

@@ -229,16 +229,23 @@ def save_ours(model, run_dir, tokenizer="toy"):
                run_dir / "ckpt_0000000.pt")
 
 
-def test_distilling_into_a_copy_of_itself_gives_zero_loss_and_gradient(corpus, tmp_path):
+def test_distilling_into_a_copy_of_itself_gives_zero_loss_and_gradient(corpus, tmp_path, capsys):
     assert pretrain(corpus, tmp_path / "pt", "--max-steps", 2) == 0
     out = tmp_path / "mt"
-    assert run(*TINY, "--stage", "midtrain", "--init-from", tmp_path / "pt", "--teacher", tmp_path / "pt",
-               "--data", corpus, "--mixture", "arith=1", "--max-steps", 1, "--out-dir", out) == 0
+    capsys.readouterr()
+    kd = [*TINY, "--stage", "midtrain", "--init-from", tmp_path / "pt", "--teacher", tmp_path / "pt",
+          "--data", corpus, "--mixture", "arith=1", "--max-steps", 1]
+    assert run(*kd, "--out-dir", out) == 0
     first = metrics(out)[0]
     assert abs(first["kd"]) < 1e-6 and first["loss"] == first["kd"] and first["grad_norm"] < 1e-5
     assert first["ce"] > 1.0  # the plain CE is logged too
     ckpt = torch.load(train.latest_checkpoint(out), weights_only=True)
     assert not any("teacher" in k for k in ckpt["model"])
+    assert "warning" not in capsys.readouterr().err
+    # Longer rows than the teacher trained on: it runs, with a warning naming both lengths.
+    assert run(*kd, "--seq-len", 128, "--out-dir", tmp_path / "mt-long") == 0
+    err = capsys.readouterr().err
+    assert "warning: --teacher" in err and "64-token rows" in err and "--seq-len is 128" in err
 
 
 def test_teacher_with_another_vocabulary_is_refused(corpus, tmp_path, capsys):
