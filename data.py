@@ -728,11 +728,11 @@ def write_toy(out_dir=TOY_DIR, seed=0, with_trace=True):
     stays in DIR/raw for reading. DIR/toy.json and DIR/eval.jsonl, written last, mark a complete corpus;
     calling it again with the same seed does nothing."""
     marker = os.path.join(out_dir, "toy.json")
+    wanted = {"seed": seed, "with_trace": with_trace, "format": TOY_FORMAT}
     if os.path.isfile(marker):
         with open(marker) as f:
             info = json.load(f)
-        if info["seed"] == seed and info.get("with_trace", True) == with_trace and info.get("format") == TOY_FORMAT \
-                and os.path.isfile(os.path.join(out_dir, "eval.jsonl")) \
+        if all(info.get(k) == v for k, v in wanted.items()) and os.path.isfile(os.path.join(out_dir, "eval.jsonl")) \
                 and all(_read_meta(os.path.join(out_dir, name)) for name in info["sources"]):
             print(f"{out_dir} holds the toy corpus of seed {seed}; nothing to do")
             return info
@@ -751,8 +751,7 @@ def write_toy(out_dir=TOY_DIR, seed=0, with_trace=True):
             _write_jsonl(sources[name], ({field: d} for d in docs))
     for name, path in sources.items():
         prepare(name, [path], out_dir, tokenizer="toy", workers=1)
-    info = {"seed": seed, "with_trace": with_trace, "format": TOY_FORMAT, "sources": list(sources),
-            "n_eval": len(corpus["eval"])}
+    info = dict(wanted, sources=list(sources), n_eval=len(corpus["eval"]))
     _write_jsonl(marker, [info])
     _write_jsonl(os.path.join(out_dir, "eval.jsonl"), corpus["eval"])  # last: its presence means complete
     return info

@@ -180,6 +180,11 @@ def assistant_content(question, with_trace=True):
     return f"<think>\n{trace if with_trace else ''}\n</think>\n\\boxed{{{answer}}}"
 
 
+def worked_text(question, with_trace=True):
+    """One problem as a pre-training document: the question, TEXT_SEPARATOR, the assistant message."""
+    return f"{question}{TEXT_SEPARATOR}{assistant_content(question, with_trace)}"
+
+
 def conversation(question, with_trace=True):
     """[system, user, assistant] messages for one problem, as SFT and the held-out loss use them."""
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question},
@@ -239,7 +244,7 @@ def generate(seed=0, n_traces=40000, n_facts=4000, n_sft=6000, n_eval=400, with_
     with_trace=False answers every training problem without its trace (the no-reasoning ablation)."""
     rng = random.Random(seed)
     train = _questions(rng, n_traces + n_sft, TRAIN_WEIGHTS, held_out=False, unique=False)
-    traces = [f"{q}{TEXT_SEPARATOR}{assistant_content(q, with_trace)}" for q in train[:n_traces]]
+    traces = [worked_text(q, with_trace) for q in train[:n_traces]]
     sft = [conversation(q, with_trace) for q in train[n_traces:]]
     per_kind = [n_eval // len(KINDS) + (i < n_eval % len(KINDS)) for i in range(len(KINDS))]
     evals = []
@@ -248,6 +253,6 @@ def generate(seed=0, n_traces=40000, n_facts=4000, n_sft=6000, n_eval=400, with_
         evals += [{"question": q, "answer": solve(q)[1]} for q in qs]
     heldout = [e["question"] for e in evals]
     return {"text_sources": {"toy-traces": traces, "toy-facts": facts(rng, n_facts),
-                             "toy-heldout": [f"{q}{TEXT_SEPARATOR}{assistant_content(q, with_trace)}" for q in heldout]},
+                             "toy-heldout": [worked_text(q, with_trace) for q in heldout]},
             "chat_sources": {"toy-sft": sft, "toy-heldout-sft": [conversation(q, with_trace) for q in heldout]},
             "eval": evals}
