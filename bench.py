@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 import data
 import kernels
+from tokenizer import TokenizerError
 from model import MobileLLM, ModelConfig, ModelError
 
 SIDES = ("ours", "reference")
@@ -529,6 +530,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ModelError, data.DataError) as e:
+    except (ModelError, data.DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

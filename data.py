@@ -1,6 +1,7 @@
 """
-The data: tiktoken tokenizers, the chat format, uint32 token shards and the token-weighted
-MixtureSampler that serves training rows in the proportions of the paper's mixture tables.
+The data: uint32 token shards and the token-weighted MixtureSampler that serves training rows in
+the proportions of the paper's mixture tables (RECIPE section 5). Tokenizers and the chat format
+are in tokenizer.py, the toy corpus in toydata.py.
 
     python data.py toy                                   # the embedded toy corpus -> data/toy
     python data.py prepare --source fineweb-edu --input shards/*.jsonl --out data --tokenizer llama3
@@ -19,207 +20,23 @@ chat; --field picks another), .txt (the whole file is one document), .parquet (n
 """
 
 import argparse
-import base64
-import importlib.util
 import json
 import multiprocessing
 import os
 import re
 import shutil
 import sys
-import time
 import zlib
-from fractions import Fraction
-from functools import lru_cache
-from hashlib import sha256
 
 import numpy as np
-import tiktoken
 import torch
 from tqdm import tqdm
+
+from tokenizer import TokenizerError, bos_id, get_tokenizer, pad_id, render_chat
 
 
 class DataError(Exception):
     """A problem the user caused (bad path, bad file, bad mixture); main() prints it as one line."""
-
-
-# -----------------------------------------------------------------------------
-# Tokenizers (RECIPE section 3)
-
-LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
-# The 256 special tokens after the 128,000 ranks, Llama-3.1 names in id order (<|begin_of_text|> = 128000,
-# <|eot_id|> = 128009). Newer llama-models releases rename two reserved ones (<|step_id|>, <|image|>).
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(LLAMA3_SPECIALS))]
-# The toy vocabulary: 256 byte tokens, then the first 16 Llama-3 special tokens in the same order,
-# so the same roles have the same names and the vocabulary is 272 (model.py's toy vocab_size).
-TOY_SPECIALS = LLAMA3_SPECIALS[:16]
-BOS, EOS, PAD, START_HEADER, END_HEADER, EOM, EOT = (LLAMA3_SPECIALS[i] for i in (0, 1, 4, 6, 7, 8, 9))
-
-
-def _gpt2_bytes_to_unicode():
-    """GPT-2's byte -> printable character table, used by Hugging Face tokenizer.json vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:  # unprintable bytes map to chr(256), chr(257), ... in byte order
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _read_tiktoken_ranks(path):
-    """A tiktoken ranks file: one "base64(token bytes) rank" per line."""
-    ranks = {}
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def _read_tokenizer_json(path):
-    """Ranks, special tokens and split pattern from a Hugging Face byte-level BPE tokenizer.json.
-    Its vocab maps GPT-2 byte-to-unicode strings to ids, and for a tiktoken-born BPE the id IS the rank."""
-    with open(path, encoding="utf-8") as f:
-        tj = json.load(f)
-    model = tj.get("model", {})
-    if model.get("type") != "BPE":
-        raise DataError(f"{path} is not a BPE tokenizer.json; pass a Llama-3 tokenizer.json or tokenizer.model")
-    specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-    byte_of = {ch: b for b, ch in _gpt2_bytes_to_unicode().items()}
-    try:
-        ranks = {bytes(byte_of[ch] for ch in token): i for token, i in model["vocab"].items() if token not in specials}
-    except KeyError:
-        raise DataError(f"{path} is not a byte-level (GPT-2 byte-to-unicode) BPE, so not a tiktoken tokenizer")
-    pattern = LLAMA3_PATTERN  # the checkpoint's own Split regex, when it has one, takes precedence
-    pre = tj.get("pre_tokenizer") or {}
-    for p in pre.get("pretokenizers", [pre]):
-        if p.get("type") == "Split" and "Regex" in p.get("pattern", {}):
-            pattern = p["pattern"]["Regex"]
-            break
-    return ranks, specials, pattern
-
-
-def _encoding(name, ranks, specials, pattern):
-    enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
-    # A fingerprint of everything that decides the ids: prepared shards record it, so data made with
-    # one tokenizer is never silently mixed with another (the name alone can differ for the same one).
-    h = sha256(pattern.encode())
-    h.update(b"".join(len(t).to_bytes(2, "little") + t for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])))
-    h.update(json.dumps(sorted(specials.items())).encode())
-    enc.fingerprint = h.hexdigest()[:16]
-    return enc
-
-
-@lru_cache(maxsize=8)
-def get_tokenizer(name_or_path="llama3"):
-    """tiktoken Encoding for "llama3" (the llama-models package's ranks), "toy" (bytes + specials),
-    a path to a tiktoken tokenizer.model, or a checkpoint folder / file with a tokenizer.json."""
-    if name_or_path == "toy":
-        ranks = {bytes([b]): b for b in range(256)}
-        return _encoding("toy", ranks, {t: 256 + i for i, t in enumerate(TOY_SPECIALS)}, LLAMA3_PATTERN)
-    path = name_or_path
-    if name_or_path == "llama3":
-        spec = importlib.util.find_spec("llama_models")  # locate the package without importing it
-        if spec is None:
-            raise DataError("tokenizer llama3 needs the llama-models package: pip install --no-deps llama-models")
-        path = os.path.join(spec.submodule_search_locations[0], "llama3", "tokenizer.model")
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise DataError(f"no tokenizer at {path}: use llama3, toy, a tokenizer.model or a folder with tokenizer.json")
-    if path.endswith(".json"):
-        ranks, specials, pattern = _read_tokenizer_json(path)
-    else:
-        ranks = _read_tiktoken_ranks(path)
-        specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
-        pattern = LLAMA3_PATTERN
-    return _encoding(name_or_path, ranks, specials, pattern)
-
-
-def special_id(enc, token):
-    try:
-        return enc.encode_single_token(token)
-    except KeyError:
-        raise DataError(f"tokenizer {enc.name} has no {token} token; use a Llama-3 tokenizer or toy")
-
-
-def bos_id(enc): return special_id(enc, BOS)
-def eot_id(enc): return special_id(enc, EOT)
-def pad_id(enc): return special_id(enc, PAD)
-def stop_ids(enc): return [special_id(enc, t) for t in (EOS, EOM, EOT)]  # RECIPE section 3
-
-
-# -----------------------------------------------------------------------------
-# Chat format and answers (RECIPE sections 3 and 6)
-
-DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-ROLES = ("system", "user", "assistant")
-
-
-def render_chat(messages, enc, add_generation_prompt=False):
-    """BOS, then per turn <|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>.
-    Returns (ids, mask): mask is true only on assistant content and its <|eot_id|>, the tokens SFT
-    learns. Header, role and content are encoded separately (as llama-models' ChatFormat does), and
-    content with encode_ordinary, so text that spells a special token stays text."""
-    def header(role):
-        return [special_id(enc, START_HEADER), *enc.encode_ordinary(role), special_id(enc, END_HEADER),
-                *enc.encode_ordinary("\n\n")]
-    ids, mask = [bos_id(enc)], [False]
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"bad chat message {str(m)[:80]!r}: need {{'role': one of {ROLES}, 'content': str}}")
-        h, body = header(m["role"]), enc.encode_ordinary(m["content"]) + [eot_id(enc)]
-        ids += h + body
-        mask += [False] * len(h) + [m["role"] == "assistant"] * len(body)
-    if add_generation_prompt:
-        h = header("assistant")
-        ids, mask = ids + h, mask + [False] * len(h)
-    return ids, mask
-
-
-def extract_boxed(text):
-    """Content of the last \\boxed{...} in text (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None  # unbalanced: the model stopped mid-answer
-
-
-def normalize_answer(s):
-    """Canonical form for exact-match grading: numbers compare by value ("1,000" == "1000.0",
-    "0.5" == "\\frac{1}{2}"), anything else by its whitespace-collapsed text."""
-    s = str(s).strip().strip("$").strip()
-    s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s).replace("\\!", "").replace("\\,", "")
-    t = re.sub(r"[\s,]", "", s)
-    m = re.fullmatch(r"\(?([-+]?[\d.]+(?:e[-+]?\d+)?)\)?(?:/\(?([-+]?[\d.]+)\)?)?", t)
-    if m:
-        try:
-            x = Fraction(m.group(1)) / Fraction(m.group(2) or 1)
-            return str(x)
-        except (ValueError, ZeroDivisionError):
-            pass
-    return " ".join(s.split())
-
-
-def load_eval_set(path):
-    """A jsonl of {"question": str, "answer": str} records."""
-    out = []
-    for lineno, rec in _read_jsonl(path):
-        if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
-            raise DataError(f"{path}:{lineno}: an eval record needs 'question' and 'answer'")
-        out.append({"question": str(rec["question"]), "answer": str(rec["answer"])})
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -238,7 +55,7 @@ def _check_input(path):
         raise DataError(f"input {path}: unsupported format; use .jsonl, .txt or .parquet")
 
 
-def _read_jsonl(path):
+def read_jsonl(path):
     if not os.path.isfile(path):
         raise DataError(f"{path} does not exist")
     with open(path, encoding="utf-8") as f:
@@ -266,17 +83,26 @@ def _read_records(path, field):
         for row, value in enumerate(table.column(field).to_pylist()):
             yield f"{path} row {row}", value
     else:
-        for lineno, rec in _read_jsonl(path):
+        for lineno, rec in read_jsonl(path):
             if not isinstance(rec, dict) or field not in rec:
                 raise DataError(f"{path}:{lineno}: no field '{field}'; pick the document field with --field")
             yield f"{path}:{lineno}", rec[field]
+
+
+def write_jsonl(path, records):
+    """Write records as jsonl atomically (a temporary file renamed into place)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def _detect_field_and_kind(path, field):
     """Default field: `messages` when the first jsonl record has it (and no `text`), else `text`.
     The kind follows the first value: a string is a text document, a list is a chat conversation."""
     if field is None:
-        first = next(_read_jsonl(path), (0, None))[1] if path.endswith(".jsonl") else None
+        first = next(read_jsonl(path), (0, None))[1] if path.endswith(".jsonl") else None
         field = "messages" if isinstance(first, dict) and "messages" in first and "text" not in first else "text"
     value = next(_read_records(path, field), (None, None))[1]
     return field, "chat" if isinstance(value, list) else "text"
@@ -328,7 +154,7 @@ def _tokenize_file(job):
                 raise DataError(f"{loc}: field '{field}' is not a list of messages, but this source is chat")
             try:
                 writer.add(*render_chat(value, enc))
-            except DataError as e:
+            except TokenizerError as e:
                 raise DataError(f"{loc}: {e}")
     writer.close()
     if not writer.parts:
@@ -355,7 +181,7 @@ def _check_shard(path, meta, n_tokens):
         raise DataError(f"{mask} is missing or truncated; {fix}")
 
 
-def _read_meta(folder):
+def read_meta(folder):
     path = os.path.join(folder, "meta.json")
     if not os.path.isfile(path):
         return None
@@ -374,7 +200,7 @@ def prepare(source, inputs, out_dir, tokenizer="llama3", field=None, workers=Non
     folder = os.path.join(out_dir, source)
     stamp = [{"path": os.path.abspath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
              for p, st in ((p, os.stat(p)) for p in inputs)]
-    old = _read_meta(folder)
+    old = read_meta(folder)
     if old is not None:
         if old["tokenizer_fingerprint"] != enc.fingerprint:
             raise DataError(f"{folder} holds tokens of tokenizer {old['tokenizer']}, not {tokenizer}: one source, one "
@@ -441,7 +267,7 @@ class Source:
     """A prepared source, memory-mapped: tokens of document d are tokens(d)."""
 
     def __init__(self, folder):
-        meta = _read_meta(folder)
+        meta = read_meta(folder)
         if meta is None:
             raise DataError(f"{folder} is not a prepared source (no meta.json); run `python data.py prepare`")
         self.name, self.meta, self.kind, self.n_tokens = meta["source"], meta, meta["kind"], meta["n_tokens"]
@@ -517,7 +343,7 @@ def resolve_mixture(data_dir, mixture, renormalize=False):
         raise DataError(f"unknown mixture {mixture!r}: use a preset ({', '.join(PRESETS)}) or NAME=WEIGHT,NAME=WEIGHT")
     if not os.path.isdir(data_dir):
         raise DataError(f"data folder {data_dir} does not exist; prepare sources into it with `python data.py prepare`")
-    missing = [name for name in weights if _read_meta(os.path.join(data_dir, name)) is None]
+    missing = [name for name in weights if read_meta(os.path.join(data_dir, name)) is None]
     if missing:
         msg = f"mixture {mixture} names sources not prepared in {data_dir}: {', '.join(missing)}"
         if not renormalize or len(missing) == len(weights):
@@ -687,14 +513,6 @@ class MixtureSampler:
         self.chat_pos = [list(state["chat_pos"][n]) for n in self.names]
 
 
-def measure_throughput(sampler, n_batches=20):
-    """Sampler speed in input tokens per second (bench.py): next_batch() n_batches times."""
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        sampler.next_batch()
-    return n_batches * sampler.batch_size * sampler.seq_len / (time.perf_counter() - t0)
-
-
 def mixture_report(sampler, rows):
     """What `rows` more global rows of this sampler serve: per source tokens, share, weight, epochs."""
     sampler.skip_rows(rows)
@@ -702,59 +520,6 @@ def mixture_report(sampler, rows):
     total = sum(served.values())
     return {name: {"tokens": served[name], "share": served[name] / total, "weight": sampler.mixture[name],
                    "epochs": epochs[name]} for name in sampler.names}
-
-
-# -----------------------------------------------------------------------------
-# The embedded toy corpus: python data.py toy
-
-TOY_DIR = "data/toy"
-
-
-def _write_jsonl(path, records):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-TOY_FORMAT = 2  # bumped when the corpus's contents change, so an older data/toy is rebuilt (2: held-out sets)
-
-
-def write_toy(out_dir=TOY_DIR, seed=0, with_trace=True):
-    """Generate the synthetic reasoning corpus (toydata.py) and prepare it with the toy tokenizer:
-    text sources (toy-traces, toy-facts), chat sources (toy-sft), the eval problems worked for held-out
-    losses (toy-heldout as text, toy-heldout-sft as chat), and DIR/eval.jsonl. The raw jsonl
-    stays in DIR/raw for reading. DIR/toy.json and DIR/eval.jsonl, written last, mark a complete corpus;
-    calling it again with the same seed does nothing."""
-    marker = os.path.join(out_dir, "toy.json")
-    wanted = {"seed": seed, "with_trace": with_trace, "format": TOY_FORMAT}
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            info = json.load(f)
-        if all(info.get(k) == v for k, v in wanted.items()) and os.path.isfile(os.path.join(out_dir, "eval.jsonl")) \
-                and all(_read_meta(os.path.join(out_dir, name)) for name in info["sources"]):
-            print(f"{out_dir} holds the toy corpus of seed {seed}; nothing to do")
-            return info
-        os.remove(marker)
-    try:
-        import toydata
-    except ImportError as e:
-        raise DataError(f"the toy corpus generator toydata.py cannot be imported ({e}); it belongs next to data.py")
-    corpus = toydata.generate(seed, with_trace=with_trace)
-    raw = os.path.join(out_dir, "raw")
-    os.makedirs(raw, exist_ok=True)
-    sources = {}
-    for key, field in (("text_sources", "text"), ("chat_sources", "messages")):
-        for name, docs in corpus[key].items():
-            sources[name] = os.path.join(raw, f"{name}.jsonl")
-            _write_jsonl(sources[name], ({field: d} for d in docs))
-    for name, path in sources.items():
-        prepare(name, [path], out_dir, tokenizer="toy", workers=1)
-    info = dict(wanted, sources=list(sources), n_eval=len(corpus["eval"]))
-    _write_jsonl(marker, [info])
-    _write_jsonl(os.path.join(out_dir, "eval.jsonl"), corpus["eval"])  # last: its presence means complete
-    return info
 
 
 # -----------------------------------------------------------------------------
@@ -770,7 +535,7 @@ def main(argv=None):
     p.add_argument("--field", default=None, help="jsonl/parquet field (default: text, or messages for chat jsonl)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU, at most one per file)")
     p = sub.add_parser("toy", help="write the embedded synthetic reasoning corpus")
-    p.add_argument("--out", default=TOY_DIR, help="data folder")
+    p.add_argument("--out", default="data/toy", help="data folder")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--no-trace", action="store_true",
                    help="answers without the reasoning trace (the ablation: same problems, no steps)")
@@ -787,7 +552,8 @@ def main(argv=None):
         if args.command == "prepare":
             prepare(args.source, args.input, args.out, args.tokenizer, args.field, args.workers)
         elif args.command == "toy":
-            write_toy(args.out, args.seed, with_trace=not args.no_trace)
+            import toydata  # the toy corpus generator imports this module
+            toydata.write_toy(args.out, args.seed, with_trace=not args.no_trace)
         else:
             sampler = MixtureSampler(args.data, args.mixture, args.seq_len, 1, seed=args.seed,
                                      renormalize=args.renormalize)
@@ -798,7 +564,7 @@ def main(argv=None):
                 print(f"{'source':<22}{'tokens':>16}{'share':>9}{'weight':>9}{'epochs':>10}")
                 for name, r in report.items():
                     print(f"{name:<22}{r['tokens']:>16,}{r['share']:>9.2%}{r['weight']:>9.2%}{r['epochs']:>10.3f}")
-    except DataError as e:
+    except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -239,18 +239,25 @@ class MobileLLM(nn.Module):
             cache.pos += T
         return self.norm(x)
 
-    def forward(self, idx, targets=None, doc_ids=None, return_logits=True, loss_reduction="mean"):
-        """model(idx) -> logits (B, T, vocab). model(idx, targets) -> (logits, loss), loss over targets
-        != -100. With return_logits=False the loss is computed chunk by chunk (kernels.
-        linear_cross_entropy) without ever holding the logits, and (None, loss) is returned."""
-        h = self.forward_hidden(idx, doc_ids)
+    def head(self, h):
+        """Hidden states -> logits: the tied output projection, logits = h @ E^T (RECIPE section 2)."""
+        return F.linear(h, self.lm_head_weight)
+
+    def forward(self, idx, targets=None, doc_ids=None, cache=None, last_only=False, return_logits=True,
+                loss_reduction="mean"):
+        """model(idx) -> logits (B, T, vocab); last_only: logits of the last position only (B, vocab).
+        With a KVCache, the tokens continue the cached sequence and are written into it.
+        model(idx, targets) -> (logits, loss), loss over targets != -100. With return_logits=False the
+        loss is computed chunk by chunk (kernels.linear_cross_entropy) without ever holding the logits,
+        and (None, loss) is returned."""
+        h = self.forward_hidden(idx, doc_ids, cache)
         if targets is None:
-            return F.linear(h, self.lm_head_weight)
+            return self.head(h[:, -1] if last_only else h)
         if not return_logits:
             # recompute=False: gradients made in the forward, 3 vocabulary-sized matmuls instead of 4
             return None, kernels.linear_cross_entropy(h, self.lm_head_weight, targets, reduction=loss_reduction,
                                                       recompute=False)
-        logits = F.linear(h, self.lm_head_weight)
+        logits = self.head(h)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                reduction=loss_reduction)
         return logits, loss
@@ -281,10 +288,10 @@ class MobileLLM(nn.Module):
         if use_cache:
             dtype = self.embed_tokens.weight.dtype
             cache = KVCache(self.config, B, total, idx.device, dtype)
-            logits = F.linear(self.forward_hidden(idx, cache=cache)[:, -1], self.lm_head_weight)
+            logits = self(idx, cache=cache, last_only=True)
             cache.repeat(num_samples)
         else:
-            logits = self(idx)[:, -1]
+            logits = self(idx, last_only=True)
         logits = logits.repeat_interleave(num_samples, dim=0)
         seq = idx.repeat_interleave(num_samples, dim=0)
         finished = torch.zeros(seq.size(0), dtype=torch.bool, device=idx.device)
@@ -298,10 +305,10 @@ class MobileLLM(nn.Module):
             if bool(finished.all()):
                 return
             if use_cache:
-                logits = F.linear(self.forward_hidden(token[:, None], cache=cache)[:, -1], self.lm_head_weight)
+                logits = self(token[:, None], cache=cache, last_only=True)
             else:
                 seq = torch.cat([seq, token[:, None]], dim=1)
-                logits = self(seq)[:, -1]
+                logits = self(seq, last_only=True)
 
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None,
                  num_samples=1, seed=None, use_cache=True):

@@ -23,14 +23,16 @@ import argparse
 import codecs
 import json
 import os
+import re
 import sys
 import time
+from fractions import Fraction
 
 import torch
 from tqdm import tqdm
 
-from data import (DEFAULT_SYSTEM_PROMPT, DataError, extract_boxed, get_tokenizer, load_eval_set,
-                  normalize_answer, render_chat, stop_ids)
+from data import DataError, read_jsonl
+from tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerError, get_tokenizer, render_chat, stop_ids
 from model import MobileLLM, ModelError, latest_checkpoint, load_model
 
 DEFAULT_CKPT = "out/toy"  # where `python train.py` saves the toy run
@@ -214,6 +216,45 @@ def generate_batched(model, enc, prompts, args):
 # Scoring (RECIPE section 6)
 
 
+def extract_boxed(text):
+    """Content of the last \\boxed{...} in text (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None  # unbalanced: the model stopped mid-answer
+
+
+def normalize_answer(s):
+    """Canonical form for exact-match grading: numbers compare by value ("1,000" == "1000.0",
+    "0.5" == "\\frac{1}{2}"), anything else by its whitespace-collapsed text."""
+    s = str(s).strip().strip("$").strip()
+    s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s).replace("\\!", "").replace("\\,", "")
+    t = re.sub(r"[\s,]", "", s)
+    m = re.fullmatch(r"\(?([-+]?[\d.]+(?:e[-+]?\d+)?)\)?(?:/\(?([-+]?[\d.]+)\)?)?", t)
+    if m:
+        try:
+            x = Fraction(m.group(1)) / Fraction(m.group(2) or 1)
+            return str(x)
+        except (ValueError, ZeroDivisionError):
+            pass
+    return " ".join(s.split())
+
+
+def load_eval_set(path):
+    """A jsonl of {"question": str, "answer": str} records."""
+    out = []
+    for lineno, rec in read_jsonl(path):
+        if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
+            raise SampleError(f"{path}:{lineno}: an eval record needs 'question' and 'answer'")
+        out.append({"question": str(rec["question"]), "answer": str(rec["answer"])})
+    return out
+
+
 def gold_answer(answer):
     """The reference answer of a record; GSM8K keeps a worked solution ending in '#### 42'."""
     answer = str(answer)
@@ -382,7 +423,7 @@ def main(argv=None):
             run_show(model, enc, eval_problems(args), args, color)
         else:
             run_eval(model, enc, eval_problems(args), args, color)
-    except (ModelError, DataError, SampleError) as e:
+    except (ModelError, DataError, TokenizerError, SampleError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C while a reply streams: stop quietly, as a shell command does

@@ -2,8 +2,8 @@
 The embedded toy corpus: synthetic arithmetic problems solved step by step, so the laptop run
 (`python train.py`) exercises the whole MobileLLM-R1 pipeline -- pre-training on worked traces,
 SFT on chat conversations with a <think> trace and a \\boxed{} answer, greedy evaluation on held-out
-problems -- in minutes on a CPU. data.py (`python data.py toy`) calls `generate()` and writes the
-sources; nothing here touches files.
+problems -- in minutes on a CPU. `generate()` makes the corpus in memory; `write_toy()` (what
+`python data.py toy` runs) writes it and prepares its sources with data.py.
 
     import toydata, random
     corpus = toydata.generate(seed=0)       # text_sources, chat_sources, eval
@@ -40,12 +40,14 @@ Example, the complete assistant message for "4827+395":
     </think>
     \\boxed{5222}
 """
+import json
+import os
 import random
 import re
 import zlib
 
-# Same string as data.DEFAULT_SYSTEM_PROMPT (RECIPE section 3); repeated here so this file imports alone.
-SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+import data
+from tokenizer import DEFAULT_SYSTEM_PROMPT as SYSTEM_PROMPT
 
 KINDS = ("add", "sub", "mul", "add_sub", "mul_add")
 # Share of each kind among training problems: the long multi-step kinds need more examples.
@@ -167,12 +169,6 @@ def solve(question):
     return "\n".join(lines), result
 
 
-def kind_of(question):
-    """The kind of a question made by make_problem (for per-kind accuracy)."""
-    ops = "".join(ch for ch in question if ch in "+-*")
-    return {"+": "add", "-": "sub", "*": "mul", "+-": "add_sub", "*+": "mul_add"}[ops]
-
-
 def assistant_content(question, with_trace=True):
     """The assistant message: the trace in <think> tags, then the boxed answer. with_trace=False
     gives the ablation that must answer directly (the tags stay, empty, so the format is the same)."""
@@ -256,3 +252,42 @@ def generate(seed=0, n_traces=40000, n_facts=4000, n_sft=6000, n_eval=400, with_
                              "toy-heldout": [worked_text(q, with_trace) for q in heldout]},
             "chat_sources": {"toy-sft": sft, "toy-heldout-sft": [conversation(q, with_trace) for q in heldout]},
             "eval": evals}
+
+
+# -----------------------------------------------------------------------------
+# Writing the corpus: python data.py toy
+
+TOY_DIR = "data/toy"
+TOY_FORMAT = 2  # bumped when the corpus's contents change, so an older data/toy is rebuilt (2: held-out sets)
+
+
+def write_toy(out_dir=TOY_DIR, seed=0, with_trace=True):
+    """Generate the synthetic reasoning corpus (toydata.py) and prepare it with the toy tokenizer:
+    text sources (toy-traces, toy-facts), chat sources (toy-sft), the eval problems worked for held-out
+    losses (toy-heldout as text, toy-heldout-sft as chat), and DIR/eval.jsonl. The raw jsonl
+    stays in DIR/raw for reading. DIR/toy.json and DIR/eval.jsonl, written last, mark a complete corpus;
+    calling it again with the same seed does nothing."""
+    marker = os.path.join(out_dir, "toy.json")
+    wanted = {"seed": seed, "with_trace": with_trace, "format": TOY_FORMAT}
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            info = json.load(f)
+        if all(info.get(k) == v for k, v in wanted.items()) and os.path.isfile(os.path.join(out_dir, "eval.jsonl")) \
+                and all(data.read_meta(os.path.join(out_dir, name)) for name in info["sources"]):
+            print(f"{out_dir} holds the toy corpus of seed {seed}; nothing to do")
+            return info
+        os.remove(marker)
+    corpus = generate(seed, with_trace=with_trace)
+    raw = os.path.join(out_dir, "raw")
+    os.makedirs(raw, exist_ok=True)
+    sources = {}
+    for key, field in (("text_sources", "text"), ("chat_sources", "messages")):
+        for name, docs in corpus[key].items():
+            sources[name] = os.path.join(raw, f"{name}.jsonl")
+            data.write_jsonl(sources[name], ({field: d} for d in docs))
+    for name, path in sources.items():
+        data.prepare(name, [path], out_dir, tokenizer="toy", workers=1)
+    info = dict(wanted, sources=list(sources), n_eval=len(corpus["eval"]))
+    data.write_jsonl(marker, [info])
+    data.write_jsonl(os.path.join(out_dir, "eval.jsonl"), corpus["eval"])  # last: its presence means complete
+    return info

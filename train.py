@@ -47,7 +47,9 @@ from tqdm import tqdm
 
 import data
 import kernels
+from tokenizer import TokenizerError
 import sample
+import toydata
 from model import (MobileLLM, ModelConfig, ModelError, latest_checkpoint, load_model, model_from_checkpoint,
                    read_checkpoint)
 
@@ -594,7 +596,7 @@ def run_toy(rt):
         raise TrainError(f"{out} holds an earlier toy run: try it with `python sample.py`, or delete it "
                          f"(rm -r {out}) to train again")
     if rt.master:
-        data.write_toy(str(data_dir))  # `python data.py toy`; does nothing when the corpus is there
+        toydata.write_toy(str(data_dir))  # `python data.py toy`; does nothing when the corpus is there
     if rt.ddp:
         dist.barrier()
     stages = [("pretrain", dict(out_dir=out / "pretrain")),
@@ -631,7 +633,7 @@ def main(argv=None):
             # every rank done (rank 0 may still be writing the last checkpoint) before the process group
             # goes: a rank tearing gloo down while its peer is mid-collective can abort (SIGABRT)
             dist.barrier()
-    except (ModelError, data.DataError, TrainError) as e:
+    except (ModelError, data.DataError, TokenizerError, TrainError) as e:
         if int(os.environ.get("RANK", 0)) == 0:  # every rank fails alike: say it once
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

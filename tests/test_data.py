@@ -7,16 +7,17 @@ import random
 import re
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import data  # noqa: E402
-from data import DataError  # noqa: E402
+import data
+import tokenizer
+import toydata
+import sample
+from data import DataError
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. I'm sure they'll say WE'VE done it, didn't we?",
@@ -43,7 +44,7 @@ def random_texts(n, seed=0):
 @pytest.fixture(scope="module")
 def llama():
     # llama-models is in requirements-dev.txt: without it these tests fail (the error says how to fix).
-    return data.get_tokenizer("llama3")
+    return tokenizer.get_tokenizer("llama3")
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +56,22 @@ def hf_llama(llama):
     class Converter(TikTokenConverter):
         @staticmethod
         def load_tiktoken_bpe(path):
-            return data._read_tiktoken_ranks(path)
+            return tokenizer._read_tiktoken_ranks(path)
 
-    package = os.path.dirname(data.importlib.util.find_spec("llama_models").origin)
+    package = os.path.dirname(tokenizer.importlib.util.find_spec("llama_models").origin)
     model_file = os.path.join(package, "llama3", "tokenizer.model")
-    converter = Converter(vocab_file=model_file, pattern=data.LLAMA3_PATTERN, extra_special_tokens=data.LLAMA3_SPECIALS)
+    converter = Converter(vocab_file=model_file, pattern=tokenizer.LLAMA3_PATTERN, extra_special_tokens=tokenizer.LLAMA3_SPECIALS)
     return converter.converted()
 
 
 def test_llama3_special_ids(llama):
     # RECIPE section 3
     assert llama.n_vocab == 128_256
-    assert [data.bos_id(llama), data.eot_id(llama), data.pad_id(llama)] == [128000, 128009, 128004]
+    assert [tokenizer.bos_id(llama), tokenizer.eot_id(llama), tokenizer.pad_id(llama)] == [128000, 128009, 128004]
     assert [llama.encode_single_token(t) for t in ("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                                                    "<|eom_id|>", "<|python_tag|>", "<|reserved_special_token_247|>")] \
         == [128001, 128006, 128007, 128008, 128010, 128255]
-    assert data.stop_ids(llama) == [128001, 128008, 128009]
+    assert tokenizer.stop_ids(llama) == [128001, 128008, 128009]
     assert len(llama.encode_ordinary("<think>")) == 3 and len(llama.encode_ordinary("</think>")) == 3
 
 
@@ -85,29 +86,29 @@ def test_llama3_matches_hf_tokenizers(llama, hf_llama):
 
 def test_tokenizer_json_route_matches_model_route(llama, hf_llama, tmp_path):
     hf_llama.save(str(tmp_path / "tokenizer.json"))  # what a released checkpoint folder carries
-    from_json = data.get_tokenizer(str(tmp_path))
+    from_json = tokenizer.get_tokenizer(str(tmp_path))
     assert from_json.n_vocab == llama.n_vocab and from_json.fingerprint == llama.fingerprint
     texts = TEXTS + random_texts(100, seed=1)
     assert [from_json.encode_ordinary(t) for t in texts] == [llama.encode_ordinary(t) for t in texts]
-    assert data.stop_ids(from_json) == data.stop_ids(llama)
+    assert tokenizer.stop_ids(from_json) == tokenizer.stop_ids(llama)
 
 
 def test_llama3_missing_package_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
-    data.get_tokenizer.cache_clear()
-    with pytest.raises(DataError, match="pip install --no-deps llama-models"):
-        data.get_tokenizer("llama3")
+    monkeypatch.setattr(tokenizer.importlib.util, "find_spec", lambda name: None)
+    tokenizer.get_tokenizer.cache_clear()
+    with pytest.raises(tokenizer.TokenizerError, match="pip install --no-deps llama-models"):
+        tokenizer.get_tokenizer("llama3")
     monkeypatch.undo()
-    data.get_tokenizer.cache_clear()
-    with pytest.raises(DataError, match="no tokenizer at"):
-        data.get_tokenizer("/nonexistent/tokenizer.model")
+    tokenizer.get_tokenizer.cache_clear()
+    with pytest.raises(tokenizer.TokenizerError, match="no tokenizer at"):
+        tokenizer.get_tokenizer("/nonexistent/tokenizer.model")
 
 
 def test_toy_tokenizer():
-    enc = data.get_tokenizer("toy")
+    enc = tokenizer.get_tokenizer("toy")
     assert enc.n_vocab == 272 and enc.name == "toy"
-    assert [data.bos_id(enc), data.pad_id(enc), data.eot_id(enc)] == [256, 260, 265]
-    assert data.stop_ids(enc) == [257, 264, 265]
+    assert [tokenizer.bos_id(enc), tokenizer.pad_id(enc), tokenizer.eot_id(enc)] == [256, 260, 265]
+    assert tokenizer.stop_ids(enc) == [257, 264, 265]
     for t in TEXTS + random_texts(50):
         assert enc.encode_ordinary(t) == list(t.encode("utf-8")) and enc.decode(enc.encode_ordinary(t)) == t
     assert enc.encode_ordinary("<|eot_id|>") == list(b"<|eot_id|>")  # text that spells a special stays text
@@ -116,7 +117,7 @@ def test_toy_tokenizer():
 # -----------------------------------------------------------------------------
 # Chat format and answers
 
-CONVERSATION = [{"role": "system", "content": data.DEFAULT_SYSTEM_PROMPT},
+CONVERSATION = [{"role": "system", "content": tokenizer.DEFAULT_SYSTEM_PROMPT},
                 {"role": "user", "content": "What is 12+30?"},
                 {"role": "assistant", "content": "<think>\n2+0=2\n1+3=4\n</think>\n\\boxed{42}"},
                 {"role": "user", "content": "And <|eot_id|> twice?"},
@@ -125,27 +126,27 @@ CONVERSATION = [{"role": "system", "content": data.DEFAULT_SYSTEM_PROMPT},
 
 @pytest.mark.parametrize("name", ["toy", "llama3"])
 def test_render_chat(name, request):
-    enc = request.getfixturevalue("llama") if name == "llama3" else data.get_tokenizer(name)
-    ids, mask = data.render_chat(CONVERSATION, enc)
-    assert len(ids) == len(mask) and ids[0] == data.bos_id(enc) and ids[-1] == data.eot_id(enc)
+    enc = request.getfixturevalue("llama") if name == "llama3" else tokenizer.get_tokenizer(name)
+    ids, mask = tokenizer.render_chat(CONVERSATION, enc)
+    assert len(ids) == len(mask) and ids[0] == tokenizer.bos_id(enc) and ids[-1] == tokenizer.eot_id(enc)
     expected = "<|begin_of_text|>" + "".join(
         f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in CONVERSATION)
     assert enc.decode(ids) == expected
-    assert ids.count(data.eot_id(enc)) == len(CONVERSATION)  # the user's "<|eot_id|>" text is not the token
+    assert ids.count(tokenizer.eot_id(enc)) == len(CONVERSATION)  # the user's "<|eot_id|>" text is not the token
     supervised = enc.decode([t for t, m in zip(ids, mask) if m])
     assert supervised == "".join(m["content"] + "<|eot_id|>" for m in CONVERSATION if m["role"] == "assistant")
-    prompt, pmask = data.render_chat(CONVERSATION[:2], enc, add_generation_prompt=True)
+    prompt, pmask = tokenizer.render_chat(CONVERSATION[:2], enc, add_generation_prompt=True)
     assert enc.decode(prompt).endswith("What is 12+30?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     assert not any(pmask)
-    with pytest.raises(DataError, match="role"):
-        data.render_chat([{"role": "robot", "content": "x"}], enc)
+    with pytest.raises(tokenizer.TokenizerError, match="role"):
+        tokenizer.render_chat([{"role": "robot", "content": "x"}], enc)
 
 
 def test_extract_boxed_and_normalize_answer():
-    assert data.extract_boxed("so \\boxed{1} and then \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
-    assert data.extract_boxed("no answer") is None
-    assert data.extract_boxed("\\boxed{12") is None
-    n = data.normalize_answer
+    assert sample.extract_boxed("so \\boxed{1} and then \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
+    assert sample.extract_boxed("no answer") is None
+    assert sample.extract_boxed("\\boxed{12") is None
+    n = sample.normalize_answer
     assert n("1,000") == n("1000") == n("1000.0") == n(" $1000$ ") == n("1 000")
     assert n("0.5") == n("\\frac{1}{2}") == n("1/2") == n("\\dfrac{2}{4}")
     assert n("-3") != n("3") and n("42") != n("4.2")
@@ -155,10 +156,10 @@ def test_extract_boxed_and_normalize_answer():
 def test_load_eval_set(tmp_path):
     path = tmp_path / "eval.jsonl"
     path.write_text('{"question": "1+1", "answer": 2}\n\n{"question": "2+2", "answer": "4"}\n')
-    assert data.load_eval_set(str(path)) == [{"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": "4"}]
+    assert sample.load_eval_set(str(path)) == [{"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": "4"}]
     path.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2"}\n')
-    with pytest.raises(DataError, match="eval.jsonl:2"):
-        data.load_eval_set(str(path))
+    with pytest.raises(sample.SampleError, match="eval.jsonl:2"):
+        sample.load_eval_set(str(path))
 
 
 # -----------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def test_load_eval_set(tmp_path):
 def other_tokenizer(tmp_path):
     """A second tokenizer, built in the test: a tiktoken ranks file of the 256 bytes (+ Llama-3 specials)."""
     path = tmp_path / "other.model"
-    path.write_text("".join(f"{data.base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    path.write_text("".join(f"{tokenizer.base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
     return str(path)
 
 
@@ -179,7 +180,7 @@ def write_jsonl(path, records):
 
 
 def test_prepare_text(tmp_path):
-    enc = data.get_tokenizer("toy")
+    enc = tokenizer.get_tokenizer("toy")
     docs = ["first document", "second one\nwith two lines", "ünïcödé ✓"]
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": d, "id": i} for i, d in enumerate(docs)])
     (tmp_path / "b.txt").write_text("a whole file\n\nis one document\n")
@@ -189,7 +190,7 @@ def test_prepare_text(tmp_path):
     src = data.Source(os.path.join(out, "web"))
     for d, text in enumerate(docs + ["a whole file\n\nis one document\n"]):
         tokens, mask = src.doc(d)
-        assert tokens.tolist() == [data.bos_id(enc)] + enc.encode_ordinary(text) and mask is None
+        assert tokens.tolist() == [tokenizer.bos_id(enc)] + enc.encode_ordinary(text) and mask is None
     n_a = sum(len(enc.encode_ordinary(t)) + 1 for t in docs)  # one shard per input file
     assert meta["n_tokens"] == n_a + 1 + len("a whole file\n\nis one document\n")
     header = np.fromfile(os.path.join(out, "web", "shard_00000.bin"), dtype="<u8", count=5)
@@ -218,14 +219,14 @@ def test_prepare_rerun_workers_and_tokenizer_guard(tmp_path, capsys):
 
 
 def test_prepare_chat(tmp_path):
-    enc = data.get_tokenizer("toy")
+    enc = tokenizer.get_tokenizer("toy")
     convs = [CONVERSATION, CONVERSATION[1:3]]
     path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": c} for c in convs])
     meta = data.prepare("sft", [path], str(tmp_path), "toy", workers=1)
     assert (meta["kind"], meta["field"], meta["n_docs"]) == ("chat", "messages", 2)
     src = data.Source(str(tmp_path / "sft"))
     for d, conv in enumerate(convs):
-        ids, mask = data.render_chat(conv, enc)
+        ids, mask = tokenizer.render_chat(conv, enc)
         tokens, stored_mask = src.doc(d)
         assert tokens.tolist() == ids and stored_mask.astype(bool).tolist() == mask
 
@@ -373,7 +374,7 @@ def test_chat_rows_pack_whole_conversations(mixdir):
     sampler = data.MixtureSampler(mixdir, "chat=1", seq_len=seq_len, batch_size=1)
     src = sampler.sources[0]
     order = sampler._epoch(0, 0)[0]  # the epoch's conversations, in the order they are packed
-    pad = data.pad_id(data.get_tokenizer("toy"))
+    pad = tokenizer.pad_id(tokenizer.get_tokenizer("toy"))
     k = 0
     while sampler.chat_pos[0][0] == 0:  # one epoch
         x, y, doc_ids = sampler.next_batch()
@@ -398,7 +399,7 @@ def test_chat_rows_pack_whole_conversations(mixdir):
 
 def test_chat_loss_mask_on_assistant_tokens(mixdir):
     sampler = data.MixtureSampler(mixdir, "chat=1", seq_len=200, batch_size=2)
-    enc = data.get_tokenizer("toy")
+    enc = tokenizer.get_tokenizer("toy")
     x, y, doc_ids = sampler.next_batch()
     for b in range(2):
         targets = [t for t in y[b].tolist() if t != -100]
@@ -424,7 +425,6 @@ def test_presets_and_bad_mixtures(mixdir, tmp_path, capsys):
                      ("short=1,short=2", "twice")]:
         with pytest.raises(DataError, match=msg):
             data.MixtureSampler(mixdir, bad, 8, 2)
-    assert data.measure_throughput(data.MixtureSampler(mixdir, "short=1,long=1", 64, 4), 3) > 0
 
 
 def test_write_toy_with_a_generator(tmp_path, monkeypatch, capsys):
@@ -438,18 +438,18 @@ def test_write_toy_with_a_generator(tmp_path, monkeypatch, capsys):
         return {"text_sources": {"toy-traces": traces, "toy-facts": ["7*8=56"] * 5},
                 "chat_sources": {"toy-sft": sft},
                 "eval": [{"question": q, "answer": str(eval(q))} for q in qs[20:]]}
-    monkeypatch.setitem(sys.modules, "toydata", types.SimpleNamespace(generate=generate))
+    monkeypatch.setattr(toydata, "generate", generate)
     out = str(tmp_path / "toy")
-    data.write_toy(out, seed=3)
-    assert len(data.load_eval_set(os.path.join(out, "eval.jsonl"))) == 10
+    toydata.write_toy(out, seed=3)
+    assert len(sample.load_eval_set(os.path.join(out, "eval.jsonl"))) == 10
     assert data.Source(os.path.join(out, "toy-sft")).kind == "chat"
     sampler = data.MixtureSampler(out, "toy", seq_len=16, batch_size=2)
     assert sampler.tokenizer == "toy" and sampler.vocab_size == 272
     capsys.readouterr()
-    data.write_toy(out, seed=3)
+    toydata.write_toy(out, seed=3)
     assert "nothing to do" in capsys.readouterr().out
     # The no-trace ablation is another corpus: asking for it rebuilds instead of reusing this one.
-    data.write_toy(out, seed=3, with_trace=False)
+    toydata.write_toy(out, seed=3, with_trace=False)
     assert "nothing to do" not in capsys.readouterr().out
     assert "+" not in open(os.path.join(out, "raw", "toy-sft.jsonl")).read().split('"assistant"')[1][:40]
 
@@ -458,13 +458,13 @@ def test_write_toy_with_toydata(tmp_path):
     """The real generator (toydata.py) end to end: the toy preset and the SFT set are servable, and no
     eval question appears in the training data."""
     out = str(tmp_path / "toy")
-    info = data.write_toy(out, seed=0)
+    info = toydata.write_toy(out, seed=0)
     assert {"toy-traces", "toy-facts", "toy-sft", "toy-heldout", "toy-heldout-sft"} <= set(info["sources"])
     x, y, doc_ids = data.MixtureSampler(out, "toy", seq_len=256, batch_size=4).next_batch()
     assert doc_ids is None and x.max() < 272
     x, y, doc_ids = data.MixtureSampler(out, "toy-sft=1", seq_len=256, batch_size=4).next_batch()
     assert doc_ids is not None and (y != -100).any()
-    questions = {r["question"] for r in data.load_eval_set(os.path.join(out, "eval.jsonl"))}
+    questions = {r["question"] for r in sample.load_eval_set(os.path.join(out, "eval.jsonl"))}
     # Training problems: the first line of every worked trace and the user turn of every conversation.
     # (A sub-step of a longer training problem, e.g. the partial product 93*3 of 93*37, may coincide
     # with a held-out question; the held-out question itself is never trained on.)
@@ -475,12 +475,12 @@ def test_write_toy_with_toydata(tmp_path):
     leaked = questions & trained
     assert questions and not leaked
     # The held-out loss sets are exactly the eval problems, worked, with the eval answers boxed.
-    evals = data.load_eval_set(os.path.join(out, "eval.jsonl"))
+    evals = sample.load_eval_set(os.path.join(out, "eval.jsonl"))
     chats = [json.loads(line)["messages"] for line in open(os.path.join(raw, "toy-heldout-sft.jsonl"))]
     texts = [json.loads(line)["text"] for line in open(os.path.join(raw, "toy-heldout.jsonl"))]
     assert [m[1]["content"] for m in chats] == [t.split("\n")[0] for t in texts] == [r["question"] for r in evals]
-    assert [data.extract_boxed(m[2]["content"]) for m in chats] == [r["answer"] for r in evals]
-    assert [data.extract_boxed(t) for t in texts] == [r["answer"] for r in evals]
+    assert [sample.extract_boxed(m[2]["content"]) for m in chats] == [r["answer"] for r in evals]
+    assert [sample.extract_boxed(t) for t in texts] == [r["answer"] for r in evals]
     x, y, doc_ids = data.MixtureSampler(out, "toy-heldout-sft=1", seq_len=512, batch_size=4).next_batch()
     assert doc_ids is not None and (y != -100).any()
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402
+import kernels
 
 
 def naive_attention(q, k, v, causal, doc_ids):

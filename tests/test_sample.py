@@ -14,11 +14,11 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import data  # noqa: E402
-import sample  # noqa: E402
-from model import MobileLLM, ModelConfig  # noqa: E402
+import data
+import tokenizer
+import sample
+from model import MobileLLM, ModelConfig
 
 ACCURACY_LINE = re.compile(r"^accuracy: (\d+)/(\d+) = (\d+\.\d)%$")
 
@@ -32,10 +32,10 @@ def byte_to_unicode():
 
 def write_tokenizer_json(folder):
     """The toy tokenizer (256 byte ranks + the special tokens) as a Hugging Face tokenizer.json."""
-    toy = data.get_tokenizer("toy")
+    toy = tokenizer.get_tokenizer("toy")
     chars = byte_to_unicode()
     specials = [(name, toy.encode_single_token(name)) for name in toy.special_tokens_set]
-    tokenizer = {
+    tj = {
         "version": "1.0",
         "added_tokens": [{"id": i, "content": name, "special": True, "single_word": False, "lstrip": False,
                           "rstrip": False, "normalized": False} for name, i in sorted(specials, key=lambda x: x[1])],
@@ -44,7 +44,7 @@ def write_tokenizer_json(folder):
         "model": {"type": "BPE", "vocab": {chars[b]: b for b in range(256)}, "merges": []},
     }
     with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(tokenizer, f, ensure_ascii=False)
+        json.dump(tj, f, ensure_ascii=False)
     return toy.n_vocab
 
 
@@ -92,8 +92,8 @@ def test_hf_greedy_tokens_equal_transformers_generate(hf_dir):
     out = json.loads(ids_line)
     ours = out["ids"][0]
 
-    enc = data.get_tokenizer(str(hf_dir))
-    stops = data.stop_ids(enc)
+    enc = tokenizer.get_tokenizer(str(hf_dir))
+    stops = tokenizer.stop_ids(enc)
     reference = Llama4ForCausalLM.from_pretrained(hf_dir).eval()
     prompt = torch.tensor([out["prompt_ids"]])
     with torch.no_grad():
@@ -108,12 +108,12 @@ def test_hf_greedy_tokens_equal_transformers_generate(hf_dir):
 def test_batched_scoring_equals_one_by_one(hf_dir):
     """Prompts grouped by length, several per batch, samples as consecutive rows: the same tokens as
     generating each prompt alone (catches row-order and cache-expansion mistakes)."""
-    model, enc = MobileLLM.from_hf(str(hf_dir)).eval(), data.get_tokenizer(str(hf_dir))
+    model, enc = MobileLLM.from_hf(str(hf_dir)).eval(), tokenizer.get_tokenizer(str(hf_dir))
     args = sample.parse_args(["--num-samples", "2", "--batch-size", "4", "--max-new-tokens", "12", "--system", ""])
     questions = ["12+34", "56+78", "90+12", "123*45"]  # three of one length (two batches), one other
     prompts = [sample.chat_ids(enc, sample.messages_for(q, args), model.config.max_seq_len) for q in questions]
     texts, n_tokens, _ = sample.generate_batched(model, enc, prompts, args)
-    stops = set(data.stop_ids(enc))
+    stops = set(tokenizer.stop_ids(enc))
     for prompt, got in zip(prompts, texts):
         alone = model.generate(torch.tensor([prompt]), 12, stop_ids=sorted(stops))[0, len(prompt):].tolist()
         assert got == [sample.decode(enc, sample.cut_at_stop(alone, stops), stops)] * 2
@@ -124,7 +124,7 @@ def test_batched_scoring_equals_one_by_one(hf_dir):
 def test_reply_printer_splits_tags_and_characters(color):
     """Fed one byte-token at a time (é is two tokens, each tag seven or eight), the output is the text,
     with the trace dimmed on a terminal."""
-    enc = data.get_tokenizer("toy")
+    enc = tokenizer.get_tokenizer("toy")
     text = "a<b <think>\n12é+3\n</think>\n\\boxed{15} <thi"
     printer = sample.ReplyPrinter(enc, color)
     out = "".join(printer.feed(t) for t in enc.encode_ordinary(text)) + printer.flush()

@@ -17,11 +17,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import data  # noqa: E402
-import train  # noqa: E402
-from model import MobileLLM, ModelConfig  # noqa: E402
+import data
+import sample
+import toydata
+import train
+from model import MobileLLM, ModelConfig
 
 # One intra-op thread: these models are tiny, and on a shared 2-core machine more threads only wait
 # on each other (3x slower measured). The torchrun and signal tests' subprocesses use one too.
@@ -336,7 +337,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(corpus, tmp_path,
 def test_toy_default_runs_the_whole_pipeline(corpus, tmp_path, monkeypatch, capsys):
     """`python train.py`: data if missing, pretrain, SFT, held-out accuracy (tiny settings here)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "write_toy", lambda out, seed=0: shutil.copytree(corpus, out, dirs_exist_ok=True))
+    monkeypatch.setattr(toydata, "write_toy", lambda out, seed=0: shutil.copytree(corpus, out, dirs_exist_ok=True))
     small = dict(max_steps=2, batch_size=2, seq_len=64, total_batch_tokens=128, log_every=1, eval_every=2)
     monkeypatch.setitem(train.TOY_DEFAULTS, "pretrain", dict(train.TOY_DEFAULTS["pretrain"], mixture="arith=1",
                                                                  eval_mixture="arith-chat=1", **small))
