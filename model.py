@@ -1,10 +1,12 @@
 """
-MobileLLM-R1: the architecture in one file (arXiv 2509.24945; shared/RECIPE.md section 2).
+MobileLLM-R1: the architecture in one file (arXiv 2509.24945; RECIPE section 2).
 
 A dense Llama-4-text decoder: pre-norm blocks of grouped-query attention with interleaved RoPE and a
 weightless QK RMS-norm, then a SwiGLU MLP; input and output embeddings are tied. Module names follow
 Hugging Face's Llama4ForCausalLM (minus its "model." prefix) so the released checkpoints load with no
-renaming: `MobileLLM.from_hf(folder)` and `model.save_hf(folder)`.
+renaming: `MobileLLM.from_hf(folder)` and `model.save_hf(folder, tokenizer)` (the folder code is in hf.py).
+Three config switches make the same class a Llama 3.x, the mid-training teacher (RECIPE section 4):
+no QK-norm, rotate-half RoPE, "llama3" rope scaling, and an untied head.
 
     from model import MobileLLM, ModelConfig
     model = MobileLLM(ModelConfig.from_size("140m"))
@@ -13,10 +15,7 @@ renaming: `MobileLLM.from_hf(folder)` and `model.save_hf(folder)`.
     out = model.generate(idx, 128)          # greedy, with a preallocated KV cache
 """
 
-import json
-import os
-import shutil
-import tempfile
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -44,6 +43,12 @@ class ModelConfig:
     max_seq_len: int = 4096
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # What a Llama-3 teacher (RECIPE section 4) does differently; the defaults are MobileLLM-R1 (section 2).
+    qk_norm: bool = True  # weightless RMS-norm of q and k after RoPE; Llama 3 has none
+    rope_interleaved: bool = True  # RoPE pairs dims (2i, 2i+1); False: Llama's rotate-half pairs (i, i + D/2)
+    # Llama 3.1's "llama3" frequency scaling, None for none: a dict of factor, low_freq_factor,
+    # high_freq_factor and original_max_position_embeddings (Hugging Face's names).
+    rope_scaling: dict | None = None
 
     @classmethod
     def from_size(cls, name, long_context=False):
@@ -86,19 +91,38 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.eps) * self.weight
 
 
-def rope_tables(head_dim, max_seq_len, theta, device=None):
-    """cos and sin of pos * theta^(-2i/head_dim), (max_seq_len, head_dim/2), float32."""
+def rope_tables(head_dim, max_seq_len, theta, device=None, scaling=None):
+    """cos and sin of pos * theta^(-2i/head_dim), (max_seq_len, head_dim/2), float32; `scaling` is a
+    ModelConfig.rope_scaling dict (Llama 3.1's frequencies) or None."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, **scaling)
     angles = torch.arange(max_seq_len, dtype=torch.float, device=device)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """Interleaved RoPE: dims (2i, 2i+1) form one complex number rotated by angle i. x: (B, T, H, D);
-    cos, sin: (T, D/2). The split-halves (rotate_half) form would not match the released weights."""
+def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3.1's rope scaling: wavelengths longer than original / low_freq_factor are stretched by
+    `factor`, those shorter than original / high_freq_factor kept, and those between interpolated."""
+    wavelen = 2 * math.pi / inv_freq
+    long_wave = original_max_position_embeddings / low_freq_factor
+    short_wave = original_max_position_embeddings / high_freq_factor
+    scaled = torch.where(wavelen > long_wave, inv_freq / factor, inv_freq)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    return torch.where((wavelen >= short_wave) & (wavelen <= long_wave), smoothed, scaled)
+
+
+def apply_rope(x, cos, sin, interleaved=True):
+    """RoPE, in float32. x: (B, T, H, D); cos, sin: (T, D/2). Interleaved (MobileLLM-R1): dims (2i, 2i+1)
+    form one complex number rotated by angle i; the split-halves (rotate_half) form would not match
+    the released weights, but it is Llama 3's: dims i and i + D/2 form the pair."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    if not interleaved:
+        first, second = x.float().chunk(2, dim=-1)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).type_as(x)
     pairs = x.float().unflatten(-1, (-1, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -130,7 +154,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.eps = config.norm_eps
+        self.eps, self.qk_norm, self.rope_interleaved = config.norm_eps, config.qk_norm, config.rope_interleaved
         self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=False)
         self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
@@ -141,10 +165,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        # RoPE first, then the weightless QK-norm (RMS over each head's dims), as in the reference.
-        q = rms_norm(apply_rope(q, cos, sin), self.eps).transpose(1, 2)
-        k = rms_norm(apply_rope(k, cos, sin), self.eps).transpose(1, 2)
-        v = v.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
+        if self.qk_norm:  # after RoPE, the weightless QK-norm (RMS over each head's dims), as in the reference
+            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         # Query head j reads kv head j // (n_head / n_kv_head): kernels.attention handles the grouping.
@@ -186,7 +210,7 @@ class MobileLLM(nn.Module):
         # Tied: logits = h @ E^T. An untied head exists only for foreign checkpoints that have one.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward (train.py flag)
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta, scaling=config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -319,75 +343,21 @@ class MobileLLM(nn.Module):
         return torch.cat([prompt] + [t[:, None] for t in new], dim=1)
 
     # ----------------------------------------------------------------------------------------------
-    # Hugging Face interop: Llama4ForCausalLM folders (config.json + safetensors)
+    # Hugging Face interop (hf.py): Llama4ForCausalLM and LlamaForCausalLM folders
 
     @classmethod
     def from_hf(cls, path, device="cpu", dtype=None):
-        """Load a Hugging Face folder as released for facebook/MobileLLM-R1-* or written by
-        transformers' save_pretrained for Llama4ForCausalLM (single or sharded safetensors)."""
-        config = config_from_hf(path)
-        with torch.device("meta"):
-            model = cls(config)
-        expected = {"model." + k: v for k, v in model.state_dict().items()}
-        tensors = read_safetensors(path)
-        if config.tie_embeddings and "lm_head.weight" in tensors:
-            tensors.pop("lm_head.weight")  # some writers store the tied head too; it is the embedding
-        unexpected = sorted(set(tensors) - set(expected))
-        if unexpected:
-            raise ModelError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all): "
-                             "not a dense MobileLLM-R1 / Llama4ForCausalLM checkpoint")
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise ModelError(f"{path}: tensor {missing[0]} is missing ({len(missing)} in all): "
-                             "the weights are incomplete or do not match config.json")
-        for name, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise ModelError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, config.json "
-                                 f"implies {tuple(expected[name].shape)}")
-        state = {name[len("model."):] if name.startswith("model.") else name: t for name, t in tensors.items()}
-        model = model.to_empty(device=device)
-        model.load_state_dict(state, strict=False)  # rope tables are buffers, recomputed below
-        model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta, device)
-        return model.to(dtype) if dtype is not None else model
+        """Load a Hugging Face folder: MobileLLM-R1 as released (Llama4ForCausalLM), a Llama-3.x
+        LlamaForCausalLM such as the mid-training teacher, or one that save_hf wrote; single or sharded
+        safetensors, read straight into the model's parameters on `device` (dtype default float32)."""
+        import hf
+        return hf.load(path, device, dtype)
 
-    def save_hf(self, path, bos_token_id=None, eos_token_id=None, pad_token_id=None):
-        """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads.
-        The folder is written next to `path` and renamed into place, so it is never half-written."""
-        from safetensors.torch import save_file
-        c = self.config
-        hf_config = {
-            "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text",
-            "vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layer,
-            "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
-            "intermediate_size": c.ffn_dim, "intermediate_size_mlp": c.ffn_dim, "hidden_act": "silu",
-            "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
-            "rope_theta": c.rope_theta, "rope_scaling": None,
-            "rope_parameters": {"rope_theta": c.rope_theta, "rope_type": "default"},
-            "tie_word_embeddings": c.tie_embeddings, "use_qk_norm": True, "attention_bias": False,
-            # Llama 4 leftovers that make the reference class a dense model (RECIPE section 2).
-            "moe_layers": [], "no_rope_layers": [1] * c.n_layer, "layer_types": ["full_attention"] * c.n_layer,
-            "attn_temperature_tuning": False, "torch_dtype": str(self.embed_tokens.weight.dtype).split(".")[-1],
-            "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
-        }
-        tensors = {"model." + k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                   if not k.startswith("rope_")}
-        if self.lm_head is not None:
-            tensors["lm_head.weight"] = tensors.pop("model.lm_head.weight")
-        path = os.path.abspath(path)
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-hf-")
-        try:
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(hf_config, f, indent=2)
-            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            if os.path.isdir(path):  # keep anything else in the folder (e.g. tokenizer.json)
-                for name in ("config.json", "model.safetensors"):
-                    os.replace(os.path.join(tmp, name), os.path.join(path, name))
-            else:
-                os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    def save_hf(self, path, tokenizer=None):
+        """Write a folder that transformers' AutoModelForCausalLM loads; with a tokenizer (name or
+        Encoding) also its stop ids, tokenizer.json and chat template. Atomic: never half-written."""
+        import hf
+        hf.save(self, path, tokenizer)
 
 
 def sample_token(logits, temperature, top_k=None, top_p=None, generator=None):
@@ -405,77 +375,6 @@ def sample_token(logits, temperature, top_k=None, top_p=None, generator=None):
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-
-
-def config_from_hf(path):
-    """ModelConfig from a Hugging Face config.json, refusing what this architecture does not cover."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise ModelError(f"{path} is not a folder: pass a Hugging Face model folder holding config.json")
-    if not os.path.isfile(config_path):
-        raise ModelError(f"no config.json in {path}: pass a Hugging Face model folder "
-                         "(e.g. facebook/MobileLLM-R1-950M as downloaded)")
-    try:
-        with open(config_path) as f:
-            hf = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read {config_path}: {e}")
-    hf = hf.get("text_config", hf)  # a multimodal Llama 4 wrapper keeps the decoder here
-    model_type = hf.get("model_type")
-    if model_type not in ("llama4_text", "llama4"):
-        raise ModelError(f"{config_path}: model_type {model_type!r} is not supported; "
-                         "expected a MobileLLM-R1 / Llama4ForCausalLM checkpoint (llama4_text)")
-    n_layer = hf["num_hidden_layers"]
-    unsupported = [
-        (bool(hf.get("moe_layers")), "mixture-of-experts layers (moe_layers)"),
-        (any(v != 1 for v in hf.get("no_rope_layers") or [1]), "layers without RoPE (no_rope_layers)"),
-        (not hf.get("use_qk_norm", True), "attention without QK-norm (use_qk_norm false)"),
-        (hf.get("attention_bias", False), "attention biases"),
-        (hf.get("hidden_act", "silu") != "silu", f"activation {hf.get('hidden_act')!r}"),
-        (any(t != "full_attention" for t in hf.get("layer_types") or []), "non-full attention layers"),
-    ]
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    unsupported.append((rope.get("rope_type", rope.get("type", "default")) != "default",
-                        f"rope scaling {rope.get('rope_type', rope.get('type'))!r}"))
-    for bad, what in unsupported:
-        if bad:
-            raise ModelError(f"{config_path}: {what} not supported by this dense MobileLLM-R1 model")
-    try:
-        return ModelConfig(
-            vocab_size=hf["vocab_size"], n_layer=n_layer, d_model=hf["hidden_size"],
-            n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-            ffn_dim=hf.get("intermediate_size_mlp") or hf["intermediate_size"],
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 500000.0))),
-            max_seq_len=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-5),
-            tie_embeddings=hf.get("tie_word_embeddings", True))
-    except KeyError as e:
-        raise ModelError(f"{config_path}: required field {e.args[0]!r} is missing")
-
-
-def read_safetensors(path):
-    """All tensors of a folder's model.safetensors, or of the shards its index lists."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise ModelError(f"no model.safetensors (or model.safetensors.index.json) in {path}: "
-                         "download the weights too")
-    tensors = {}
-    for name in files:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise ModelError(f"{file} is listed in the index but missing: download it")
-        try:
-            tensors.update(load_file(file))
-        except (SafetensorError, OSError) as e:
-            raise ModelError(f"{file} is not a readable safetensors file ({e}): download it again")
-    return tensors
 
 
 def config_from_dict(d):
@@ -519,15 +418,21 @@ def model_from_checkpoint(ckpt, file):
     return model
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", dtype=None):
     """(model, tokenizer name, meta) from our checkpoint file or run folder, or a Hugging Face folder.
     meta is the checkpoint without weights and optimizer (config, step, args, stage, ...)."""
     path = Path(path)
     if (path / "config.json").is_file():
-        model = MobileLLM.from_hf(str(path), device=device)
+        model = MobileLLM.from_hf(str(path), device=device, dtype=dtype)
         tokenizer = str(path) if (path / "tokenizer.json").is_file() else "llama3"
         return model, tokenizer, {"config": asdict(model.config), "path": str(path), "format": "hf"}
     ckpt, file = read_checkpoint(path)
     model = model_from_checkpoint(ckpt, file)
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
-    return model.to(device), ckpt["tokenizer"], dict(meta, path=str(file), format="ours")
+    model = model.to(device) if dtype is None else model.to(device, dtype)
+    return model, ckpt["tokenizer"], dict(meta, path=str(file), format="ours")
+
+
+if __name__ == "__main__":
+    from hf import main  # `python model.py export RUN_DIR OUT_DIR`
+    main()

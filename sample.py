@@ -70,7 +70,7 @@ def load(args, device):
                 any(f.startswith("ckpt_") for f in os.listdir(args.hf)):
             raise SampleError(f"{args.hf} is a training run of ours, not a Hugging Face folder: "
                               f"use --ckpt {args.hf}")
-        model = MobileLLM.from_hf(args.hf, device=device)
+        model = MobileLLM.from_hf(args.hf, device=device, dtype=dtype)  # read as dtype: an 8B model once
         enc = get_tokenizer(args.hf)
     else:
         if args.ckpt is None and latest_checkpoint(DEFAULT_CKPT) is None:

@@ -352,7 +352,10 @@ def build_model(args, rt, tokenizer):
 
 
 def load_teacher(args, rt, student):
-    teacher, _, meta = load_model(args.teacher)
+    # Inference only: bf16 on CUDA, read straight into that dtype on the device (an 8B Llama-3.1 teacher,
+    # RECIPE section 4, takes its 16 GB once), no grads, kept out of the optimizer, DDP and the checkpoint.
+    dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+    teacher, _, meta = load_model(args.teacher, rt.device, dtype)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise TrainError(f"--teacher {args.teacher} has a vocabulary of {teacher.config.vocab_size}, the "
                          f"student {student.config.vocab_size}: logit distillation needs the same tokenizer")
@@ -364,9 +367,7 @@ def load_teacher(args, rt, student):
         print(f"warning: --teacher {args.teacher} was trained on {trained}-token rows, --seq-len is "
               f"{args.seq_len}: it has never seen the later positions; distil at --seq-len {trained} or "
               "use a teacher trained on longer rows", file=sys.stderr)
-    # Inference only: bf16 on CUDA, no grads, kept out of the optimizer, DDP and the checkpoint.
-    dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-    teacher = teacher.to(rt.device, dtype).eval()
+    teacher.eval()
     teacher.requires_grad_(False)
     return teacher
 

@@ -1,5 +1,5 @@
-"""Tests for data.py: tokenizers against Hugging Face `tokenizers`, the chat format, shards, and the
-MixtureSampler's shares, determinism, resumption and rank split. Hermetic: everything in tmp_path."""
+"""Tests for data.py: chat and text shards, answers, and the MixtureSampler's shares, determinism,
+resumption and rank split (the tokenizers are tested in test_tokenizer.py). Hermetic: everything in tmp_path."""
 
 import json
 import os
@@ -19,101 +19,6 @@ import toydata
 import sample
 from data import DataError
 
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog. I'm sure they'll say WE'VE done it, didn't we?",
-    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n\nprint(fib(10))\n",
-    "1234567890 3.14159 -42 2025-09-30 1,000,000 0x1F 12345678901234567890",
-    "héllo wörld, naïve café; 日本語のテキスト, Ελληνικά, русский, עברית,\n🎉🚀 emoji 👩‍👩‍👧",
-    "a   b\t\t c\n\n\n  d    \r\n\r\n e\u00a0f \u2003 g  \n",
-    "<think>\n7+5+0=12\n</think>\n\\boxed{1,234}  x^2 + y_1 = \\frac{a}{b}",
-    "", " ", "\n", "    leading and trailing    ",
-]
-
-
-def random_texts(n, seed=0):
-    """Random strings mixing ASCII, digits, whitespace runs, accents, CJK and emoji."""
-    rng = random.Random(seed)
-    pools = ["abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789", " \t\n\r",
-             "'.,;:!?()[]{}<>/\\|-_=+*&^%$#@\"", "éèàüößçñøå", "日本語中文한국어", "😀🎉🚀👍", "ΑΒΓαβγжзи"]
-    return ["".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 80))) for _ in range(n)]
-
-
-# -----------------------------------------------------------------------------
-# Tokenizers
-
-@pytest.fixture(scope="module")
-def llama():
-    # llama-models is in requirements-dev.txt: without it these tests fail (the error says how to fix).
-    return tokenizer.get_tokenizer("llama3")
-
-
-@pytest.fixture(scope="module")
-def hf_llama(llama):
-    """The Hugging Face `tokenizers` implementation built from the same ranks by transformers'
-    TikTokenConverter (its ranks reader is swapped for ours: tiktoken's would write a cache file)."""
-    TikTokenConverter = pytest.importorskip("transformers.convert_slow_tokenizer").TikTokenConverter
-
-    class Converter(TikTokenConverter):
-        @staticmethod
-        def load_tiktoken_bpe(path):
-            return tokenizer._read_tiktoken_ranks(path)
-
-    package = os.path.dirname(tokenizer.importlib.util.find_spec("llama_models").origin)
-    model_file = os.path.join(package, "llama3", "tokenizer.model")
-    converter = Converter(vocab_file=model_file, pattern=tokenizer.LLAMA3_PATTERN, extra_special_tokens=tokenizer.LLAMA3_SPECIALS)
-    return converter.converted()
-
-
-def test_llama3_special_ids(llama):
-    # RECIPE section 3
-    assert llama.n_vocab == 128_256
-    assert [tokenizer.bos_id(llama), tokenizer.eot_id(llama), tokenizer.pad_id(llama)] == [128000, 128009, 128004]
-    assert [llama.encode_single_token(t) for t in ("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                                                   "<|eom_id|>", "<|python_tag|>", "<|reserved_special_token_247|>")] \
-        == [128001, 128006, 128007, 128008, 128010, 128255]
-    assert tokenizer.stop_ids(llama) == [128001, 128008, 128009]
-    assert len(llama.encode_ordinary("<think>")) == 3 and len(llama.encode_ordinary("</think>")) == 3
-
-
-def test_llama3_matches_hf_tokenizers(llama, hf_llama):
-    texts = TEXTS + random_texts(300)
-    hf = [e.ids for e in hf_llama.encode_batch(texts, add_special_tokens=False)]
-    assert [llama.encode_ordinary(t) for t in texts] == hf
-    specials = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi 123<|eot_id|><|finetune_right_pad_id|>"
-    assert llama.encode(specials, allowed_special="all") == hf_llama.encode(specials, add_special_tokens=False).ids
-    assert llama.decode(llama.encode_ordinary(TEXTS[3])) == TEXTS[3]
-
-
-def test_tokenizer_json_route_matches_model_route(llama, hf_llama, tmp_path):
-    hf_llama.save(str(tmp_path / "tokenizer.json"))  # what a released checkpoint folder carries
-    from_json = tokenizer.get_tokenizer(str(tmp_path))
-    assert from_json.n_vocab == llama.n_vocab and from_json.fingerprint == llama.fingerprint
-    texts = TEXTS + random_texts(100, seed=1)
-    assert [from_json.encode_ordinary(t) for t in texts] == [llama.encode_ordinary(t) for t in texts]
-    assert tokenizer.stop_ids(from_json) == tokenizer.stop_ids(llama)
-
-
-def test_llama3_missing_package_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(tokenizer.importlib.util, "find_spec", lambda name: None)
-    tokenizer.get_tokenizer.cache_clear()
-    with pytest.raises(tokenizer.TokenizerError, match="pip install --no-deps llama-models"):
-        tokenizer.get_tokenizer("llama3")
-    monkeypatch.undo()
-    tokenizer.get_tokenizer.cache_clear()
-    with pytest.raises(tokenizer.TokenizerError, match="no tokenizer at"):
-        tokenizer.get_tokenizer("/nonexistent/tokenizer.model")
-
-
-def test_toy_tokenizer():
-    enc = tokenizer.get_tokenizer("toy")
-    assert enc.n_vocab == 272 and enc.name == "toy"
-    assert [tokenizer.bos_id(enc), tokenizer.pad_id(enc), tokenizer.eot_id(enc)] == [256, 260, 265]
-    assert tokenizer.stop_ids(enc) == [257, 264, 265]
-    for t in TEXTS + random_texts(50):
-        assert enc.encode_ordinary(t) == list(t.encode("utf-8")) and enc.decode(enc.encode_ordinary(t)) == t
-    assert enc.encode_ordinary("<|eot_id|>") == list(b"<|eot_id|>")  # text that spells a special stays text
-
-
 # -----------------------------------------------------------------------------
 # Chat format and answers
 
@@ -122,24 +27,6 @@ CONVERSATION = [{"role": "system", "content": tokenizer.DEFAULT_SYSTEM_PROMPT},
                 {"role": "assistant", "content": "<think>\n2+0=2\n1+3=4\n</think>\n\\boxed{42}"},
                 {"role": "user", "content": "And <|eot_id|> twice?"},
                 {"role": "assistant", "content": "\\boxed{84}"}]
-
-
-@pytest.mark.parametrize("name", ["toy", "llama3"])
-def test_render_chat(name, request):
-    enc = request.getfixturevalue("llama") if name == "llama3" else tokenizer.get_tokenizer(name)
-    ids, mask = tokenizer.render_chat(CONVERSATION, enc)
-    assert len(ids) == len(mask) and ids[0] == tokenizer.bos_id(enc) and ids[-1] == tokenizer.eot_id(enc)
-    expected = "<|begin_of_text|>" + "".join(
-        f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in CONVERSATION)
-    assert enc.decode(ids) == expected
-    assert ids.count(tokenizer.eot_id(enc)) == len(CONVERSATION)  # the user's "<|eot_id|>" text is not the token
-    supervised = enc.decode([t for t, m in zip(ids, mask) if m])
-    assert supervised == "".join(m["content"] + "<|eot_id|>" for m in CONVERSATION if m["role"] == "assistant")
-    prompt, pmask = tokenizer.render_chat(CONVERSATION[:2], enc, add_generation_prompt=True)
-    assert enc.decode(prompt).endswith("What is 12+30?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert not any(pmask)
-    with pytest.raises(tokenizer.TokenizerError, match="role"):
-        tokenizer.render_chat([{"role": "robot", "content": "x"}], enc)
 
 
 def test_extract_boxed_and_normalize_answer():

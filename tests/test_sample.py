@@ -211,3 +211,34 @@ def test_no_checkpoint_says_how_to_make_one(tmp_path):
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "python train.py" in proc.stderr, proc.stderr
+
+
+def test_llama_folder_chats_and_evaluates(tmp_path, capsys, monkeypatch):
+    """--hf a Llama-3 LlamaForCausalLM folder (the mid-training teacher's architecture, RECIPE section 4, with
+    its tokenizer.json): the same greedy tokens as transformers, a chat, and a scored eval file."""
+    transformers = pytest.importorskip("transformers")
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}
+    config = transformers.LlamaConfig(
+        vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=256, rope_parameters=rope,
+        tie_word_embeddings=False, initializer_range=0.3, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path)
+    toy = tokenizer.get_tokenizer("toy")
+    tokenizer.write_hf_tokenizer(toy, str(tmp_path), 256)
+    hf = ["--hf", str(tmp_path), "--device", "cpu", "--max-new-tokens", "24", "--print-ids"]
+    out = json.loads(run_main(hf + ["--prompt", "What is 17+25?"], capsys).out.strip().splitlines()[-1])
+    stops = tokenizer.stop_ids(toy)
+    prompt = torch.tensor([out["prompt_ids"]])
+    with torch.no_grad():
+        theirs = reference.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=stops,
+                                    pad_token_id=stops[0], attention_mask=torch.ones_like(prompt))
+    assert out["ids"][0] == theirs[0, prompt.size(1):].tolist() and len(out["ids"][0]) >= 8
+    turns = run_main(hf + ["--chat"], capsys, stdin="hi\nagain\n", monkeypatch=monkeypatch).out
+    assert len([line for line in turns.splitlines() if line.startswith("{")]) == 2
+    with open(tmp_path / "eval.jsonl", "w") as f:
+        f.writelines(json.dumps({"question": q, "answer": a}) + "\n" for q, a in [("1+2", "3"), ("2*4", "8")])
+    lines = run_main(hf[:-1] + ["--eval-file", str(tmp_path / "eval.jsonl")], capsys).out.strip().splitlines()
+    assert ACCURACY_LINE.match(lines[-1]) and ACCURACY_LINE.match(lines[-1]).group(2) == "2"

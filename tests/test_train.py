@@ -352,3 +352,49 @@ def test_toy_default_runs_the_whole_pipeline(corpus, tmp_path, monkeypatch, caps
     assert meta["stage"] == "sft"
     assert run() == 2  # a second `python train.py` does not overwrite the first
     assert "holds an earlier toy run" in capsys.readouterr().err
+
+
+def test_distilling_from_a_llama_folder_equals_a_naive_kl(corpus, tmp_path, capsys):
+    """--teacher a LlamaForCausalLM folder as transformers saves it (RECIPE section 4's teacher, tiny, with
+    llama3 rope scaling and rows past its original context): the first step's logged KD loss equals
+    KL(teacher || student) over the full vocabulary, computed here with transformers' model as teacher."""
+    transformers = pytest.importorskip("transformers")
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}
+    config = transformers.LlamaConfig(
+        vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5, rope_parameters=rope,
+        tie_word_embeddings=False, initializer_range=0.2)
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    torch.manual_seed(2)
+    save_ours(MobileLLM(ModelConfig.from_size("toy")), tmp_path / "student")
+    argv = [*TINY, "--stage", "midtrain", "--init-from", tmp_path / "student", "--teacher", tmp_path / "llama",
+            "--data", corpus, "--mixture", "arith=1", "--max-steps", 1, "--out-dir", tmp_path / "mt"]
+    assert run(*argv) == 0
+    kd = metrics(tmp_path / "mt")[0]["kd"]
+    header = (tmp_path / "mt" / "log.txt").read_text()
+    assert any("memory/device est." in line and " teacher " in line for line in header.splitlines())
+    # The rows the run saw (the sampler is deterministic), the student before its step, the reference teacher.
+    args = train.parse_args([str(a) for a in argv])
+    sampler = data.MixtureSampler(args.data, args.mixture, args.seq_len, args.batch_size, seed=args.seed)
+    student, _, _ = train.load_model(tmp_path / "student")
+    teacher = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _ in range(args.total_batch_tokens // (args.batch_size * args.seq_len)):
+            x, y, doc_ids = sampler.next_batch()
+            assert doc_ids is None  # text rows: plain causal attention, as the reference does
+            p, q = teacher(x).logits.log_softmax(-1), student(x).log_softmax(-1)
+            keep = y != -100
+            total += (p.exp() * (p - q)).sum(-1)[keep].sum().item()
+            count += keep.sum().item()
+    assert kd == pytest.approx(total / count, rel=1e-4) and kd > 0.1
+    # A Llama teacher of another vocabulary: one line, exit 2.
+    config.vocab_size = 300
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama-300")
+    capsys.readouterr()
+    argv[argv.index(tmp_path / "llama")] = tmp_path / "llama-300"
+    assert run(*argv[:-1], tmp_path / "mt-300") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "vocabulary of 300" in err and "\n" not in err
