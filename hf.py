@@ -191,8 +191,8 @@ def hf_config(model, enc=None):
     return {"architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", **common,
             "intermediate_size_mlp": c.ffn_dim, "use_qk_norm": c.qk_norm, "moe_layers": [],
             "no_rope_layers": [1] * L, "layer_types": ["full_attention"] * L, "attn_temperature_tuning": False,
-            # llama.cpp's converter reads the dense layout from these, not from moe_layers
-            "num_local_experts": 0, "interleave_moe_layer_step": 0}
+            # llama.cpp reads "dense" from these, not from moe_layers: no MoE layer step (it refuses 0 experts)
+            "num_local_experts": 1, "num_experts_per_tok": 1, "interleave_moe_layer_step": 0}
 
 
 def save(model, path, tokenizer=None):
