@@ -1,5 +1,5 @@
 """
-MobileLLM-R1: the architecture in one file (arXiv 2509.24945; shared/RECIPE.md section 2).
+MobileLLM-R1: the architecture in one file (arXiv 2509.24945; RECIPE section 2).
 
 A dense Llama-4-text decoder: pre-norm blocks of grouped-query attention with interleaved RoPE and a
 weightless QK RMS-norm, then a SwiGLU MLP; input and output embeddings are tied. Module names follow
@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -47,16 +47,24 @@ class ModelConfig:
 
     @classmethod
     def from_size(cls, name, long_context=False):
-        """The paper's sizes (RECIPE section 2) plus laptop configs. `long_context` selects the
-        post-trained setting: 32k context with rope theta multiplied by 8 (1e6 -> 8e6)."""
+        """The paper's sizes (RECIPE section 2) plus laptop configs; long_context: see long_context()."""
         if name not in SIZES:
             raise ModelError(f"unknown model size {name!r}: choose one of {', '.join(SIZES)}")
         config = cls(**SIZES[name])
-        if long_context:
-            config.rope_theta *= 8
-            config.max_seq_len = 32768
-        return config
+        return config.long_context() if long_context else config
 
+    def long_context(self):
+        """The context extension before reasoning SFT (RECIPE section 4): rope theta multiplied by
+        LONG_CONTEXT_THETA_FACTOR and the context raised to LONG_CONTEXT_LEN; no rope scaling. A
+        config already at the long context (a post-trained checkpoint) is returned unchanged."""
+        if self.max_seq_len >= LONG_CONTEXT_LEN:
+            return self
+        return replace(self, rope_theta=self.rope_theta * LONG_CONTEXT_THETA_FACTOR, max_seq_len=LONG_CONTEXT_LEN)
+
+
+# The context extension (RECIPE section 4): 4k base models -> 32k post-trained models, theta x 8.
+LONG_CONTEXT_THETA_FACTOR = 8
+LONG_CONTEXT_LEN = 32768
 
 # Table: MobileLLM-R1 architectures (RECIPE section 2). vocab 128,256, tied embeddings, base context
 # 4k at theta 1e6. The toy configs use the byte-level toy tokenizer (data.py) and train on a CPU.

@@ -174,14 +174,14 @@ def test_sigint_saves_at_step_boundary_and_resume_matches(corpus, tmp_path):
 
 def test_nonfinite_loss_stops_before_the_step_and_keeps_the_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    forward = train.TrainLoss.forward
+    step_loss = train.micro_step_loss
 
-    def poisoned(self, x, y, doc_ids=None):
+    def poisoned(*args):
         calls["n"] += 1
-        loss, ce, kd = forward(self, x, y, doc_ids)
+        loss, ce, kd = step_loss(*args)
         return (loss * float("nan"), ce, kd) if calls["n"] > 4 else (loss, ce, kd)  # 2 micro-steps per step
 
-    monkeypatch.setattr(train.TrainLoss, "forward", poisoned)
+    monkeypatch.setattr(train, "micro_step_loss", poisoned)
     assert pretrain(corpus, tmp_path, "--max-steps", 5, "--save-every", 2) == 1
     err = capsys.readouterr().err
     assert "non-finite" in err or "nan" in err
@@ -339,11 +339,11 @@ def test_toy_default_runs_the_whole_pipeline(corpus, tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(toydata, "write_toy", lambda out, seed=0: shutil.copytree(corpus, out, dirs_exist_ok=True))
     small = dict(max_steps=2, batch_size=2, seq_len=64, total_batch_tokens=128, log_every=1, eval_every=2)
-    monkeypatch.setitem(train.TOY_DEFAULTS, "pretrain", dict(train.TOY_DEFAULTS["pretrain"], mixture="arith=1",
+    monkeypatch.setitem(toydata.TOY_RUN, "pretrain", dict(toydata.TOY_RUN["pretrain"], mixture="arith=1",
                                                                  eval_mixture="arith-chat=1", **small))
-    monkeypatch.setitem(train.TOY_DEFAULTS, "sft", dict(train.TOY_DEFAULTS["sft"], mixture="arith-chat=1",
+    monkeypatch.setitem(toydata.TOY_RUN, "sft", dict(toydata.TOY_RUN["sft"], mixture="arith-chat=1",
                                                             eval_mixture="arith-chat=1", **small))
-    monkeypatch.setitem(train.TOY_DEFAULTS, "max_new_tokens", 8)
+    monkeypatch.setitem(toydata.TOY_RUN, "max_new_tokens", 8)
     assert run() == 0
     out = capsys.readouterr().out
     assert "accuracy: " in out and "/4 = " in out  # sample.py --eval's last line
