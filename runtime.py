@@ -8,8 +8,10 @@ FLOP/s that MFU is measured against. train.py, sample.py, bench.py and mixing.py
 """
 
 import os
+import random
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -83,6 +85,24 @@ class Runtime:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def rng_states(self):
+        """Every rank's RNG states (python, numpy, torch, cuda), in rank order: what a checkpoint keeps."""
+        state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                 "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return self.gather(state)
+
+    def set_rng_states(self, states):
+        """Restore this rank's states from rng_states(); on another number of ranks, rank 0's."""
+        state = states[self.rank if len(states) == self.world_size else 0]
+        random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+        torch.set_rng_state(state["torch"])
+        numpy = state["numpy"]
+        np.random.set_state((numpy[0], np.array(numpy[1], dtype=np.uint32), *numpy[2:]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 # Peak dense bf16 FLOP/s per device, for MFU. First matching substring of the device name wins;

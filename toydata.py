@@ -284,13 +284,22 @@ def write_toy(out_dir=TOY_DIR, seed=0, with_trace=True):
     for key, field in (("text_sources", "text"), ("chat_sources", "messages")):
         for name, docs in corpus[key].items():
             sources[name] = os.path.join(raw, f"{name}.jsonl")
-            data.write_jsonl(sources[name], ({field: d} for d in docs))
+            write_jsonl(sources[name], ({field: d} for d in docs))
     for name, path in sources.items():
         data.prepare(name, [path], out_dir, tokenizer="toy", workers=1)
     info = dict(wanted, sources=list(sources), n_eval=len(corpus["eval"]))
-    data.write_jsonl(marker, [info])
-    data.write_jsonl(os.path.join(out_dir, "eval.jsonl"), corpus["eval"])  # last: its presence means complete
+    write_jsonl(marker, [info])
+    write_jsonl(os.path.join(out_dir, "eval.jsonl"), corpus["eval"])  # last: its presence means complete
     return info
+
+
+def write_jsonl(path, records):
+    """Write records as jsonl atomically (a temporary file renamed into place)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import random
 import signal
 import sys
 import time
@@ -60,10 +59,9 @@ from model import (MobileLLM, ModelConfig, ModelError, latest_checkpoint, load_m
 
 # Table: training recipe per stage (RECIPE section 4). Total batch = 16 nodes x 8 GPUs x BS x seq.
 # `sft` is the general SFT row; `sft --long-context` is reasoning SFT (32k context, theta x 8).
-# Warmup: an int is steps, a float < 1 a fraction of max_steps. Pre-training decays to 10% of the
-# peak, the later stages to 0. Decay shape (--decay): linear by default, as the official README
-# states for every stage; the released pre-training code decays with a cosine (--decay cosine).
-# Mid-training publishes no warmup: 0.
+# Warmup: an int is steps, a float < 1 a fraction of max_steps (SFT: from --epochs). Pre-training decays to
+# 10% of the peak, the later stages to 0. Decay shape (--decay): linear by default, as the official README states
+# for every stage; the released pre-training code decays with a cosine. Mid-training publishes no warmup: 0.
 STAGE_DEFAULTS = {
     "pretrain": dict(lr=4e-3, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, beta2=0.95, max_steps=500_000,
                      batch_size=16, seq_len=2048, total_batch_tokens=128 * 16 * 2048),
@@ -74,9 +72,8 @@ STAGE_DEFAULTS = {
     "sft-reasoning": dict(lr=8e-5, warmup_steps=0.10, min_lr_ratio=0.0, weight_decay=0.0, beta2=0.999, epochs=4,
                           batch_size=8, seq_len=32768, total_batch_tokens=128 * 8 * 32768),
 }
-# AdamW beta1, eps and clipping, all stages (RECIPE section 4). beta2 is per stage above: the
-# pre-training script passes (0.9, 0.95); the SFT scripts pass none, so SFT runs with the Hugging
-# Face default (0.9, 0.999).
+# AdamW beta1, eps and clipping, all stages (RECIPE section 4). beta2 is per stage above: the pre-training
+# script passes (0.9, 0.95); the SFT scripts pass none, so SFT runs with the Hugging Face default (0.9, 0.999).
 BETA1, EPS, GRAD_CLIP = 0.9, 1e-8, 1.0
 # Without --eval-data, eval rows come from another seed's stream of the training sources: other rows,
 # not unseen documents. A held-out folder (--eval-data) gives a true held-out loss.
@@ -111,10 +108,17 @@ def parse_args(argv):
     g("--eval-data", help="held-out data folder for the eval loss (default: --data, another seed's rows)")
     g("--eval-mixture", help="mixture of --eval-data (default: --mixture)")
     g("--seq-len", type=int, help="tokens per sequence")
+    # The official SFT (sft/sft.py: TRL SFTTrainer, RECIPE section 4) trains on every token of the conversation but
+    # padding: `all`. Ours, `assistant`, trains only on what the model will write: the assistant's tokens and their
+    # <|eot_id|>, not on predicting prompts and headers. Both pack conversations into rows with document masks, so
+    # none attends to another and each one's loss is the same as alone in a row (RoPE scores are relative). The
+    # eval loss stays on the assistant's tokens, so runs of either setting compare.
+    g("--sft-loss", default="assistant", choices=["assistant", "all"],
+      help="chat tokens trained on: assistant turns (ours) or the whole conversation (the official SFT)")
     g("--seed", type=int, default=0, help="seed for initialisation and the data stream")
     g = p.add_argument_group("schedule and optimizer").add_argument
     g("--max-steps", type=int, help="optimizer steps (default: the stage's, or --epochs for SFT)")
-    g("--epochs", type=float, help="SFT only: passes over the data, used when --max-steps is not given")
+    g("--epochs", type=float, help="SFT: passes over every source (packed rows), used when --max-steps is not given")
     g("--total-batch-tokens", type=int, help="tokens per optimizer step over all devices")
     g("--lr", type=float, help="peak learning rate")
     g("--warmup-steps", type=float, help="warmup: steps, or a fraction of --max-steps when < 1")
@@ -155,6 +159,8 @@ def parse_args(argv):
                  "keep_last", "eval_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not (args.epochs is None or args.epochs > 0):
+        raise TrainError(f"--epochs must be positive, got {args.epochs:g}")
     return args
 
 
@@ -219,27 +225,10 @@ def memory_estimate(model, args, device_type, teacher=None):
 # -------------------------------------------------------------------------------------------------
 # Checkpoints: run_dir/ckpt_{step:07d}.pt, written atomically, last K kept
 
-def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    torch.set_rng_state(state["torch"])
-    numpy = state["numpy"]
-    np.random.set_state((numpy[0], np.array(numpy[1], dtype=np.uint32), *numpy[2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def save_checkpoint(rt, args, model, optimizer, sampler, step):
     """Rank 0 writes the file, with every rank's RNG states. The sampler's state is the same on all
     ranks (each does the bookkeeping of the whole global stream), so rank 0's is enough."""
-    rngs = rt.gather(rng_state())
+    rngs = rt.rng_states()
     if not rt.master:
         return
     ckpt = {"model": model.state_dict(), "config": asdict(model.config), "optimizer": optimizer.state_dict(),
@@ -389,12 +378,13 @@ def setup_run(args, rt):
                          f"{args.batch_size} x --seq-len {args.seq_len} x {rt.world_size} processes: "
                          "pick values that divide it")
     sampler = data.MixtureSampler(args.data, args.mixture, args.seq_len, args.batch_size, rank=rt.rank,
-                                  world_size=rt.world_size, seed=args.seed, renormalize=args.renormalize)
+                                  world_size=rt.world_size, seed=args.seed, renormalize=args.renormalize,
+                                  epochs=args.epochs if args.max_steps is None else None, sft_loss=args.sft_loss)
     eval_sampler = data.MixtureSampler(args.eval_data or args.data, args.eval_mixture or args.mixture,
                                        args.seq_len, args.batch_size, rank=rt.rank, world_size=rt.world_size,
                                        seed=args.seed + EVAL_SEED_OFFSET, renormalize=args.renormalize)
-    if args.max_steps is None:  # SFT: steps from --epochs over the data (RECIPE section 4: 2 or 4 epochs)
-        args.max_steps = max(1, math.ceil(args.epochs * sampler.total_tokens() / args.total_batch_tokens))
+    if args.max_steps is None:  # SFT: --epochs of every source, in packed rows (RECIPE section 4: 2 or 4 epochs)
+        args.max_steps = math.ceil(sum(sampler.epoch_rows) * args.seq_len / args.total_batch_tokens)
     ckpt = None
     if args.resume:
         if latest_checkpoint(out_dir) is None:
@@ -424,7 +414,7 @@ def setup_run(args, rt):
         sampler.load_state_dict(ckpt["sampler"])
         # The global row stream does not depend on the number of processes, so a run may resume on
         # another number (bit-exactness then only up to summation order); RNG states are per rank.
-        set_rng_state(ckpt["rng"][rt.rank if len(ckpt["rng"]) == rt.world_size else 0])
+        rt.set_rng_states(ckpt["rng"])
         step = ckpt["step"]
         if rt.master:  # forget log records past the checkpoint: they are about to be redone
             metrics = out_dir / "metrics.jsonl"
@@ -440,6 +430,9 @@ def setup_run(args, rt):
         runner = DDP(runner, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     log = Logger(rt, out_dir)
     log_header(log, args, rt, model, teacher, accum, step)
+    if sampler.epoch_rows:  # --epochs: the packed rows that serve every source E times, and the steps they take
+        log(f"--epochs {args.epochs:g}: {sum(sampler.epoch_rows):,} rows in {args.max_steps:,} steps; rows per source: "
+            + ", ".join(f"{name} {rows:,}" for name, rows in zip(sampler.names, sampler.epoch_rows)))
     return SimpleNamespace(sampler=sampler, eval_sampler=eval_sampler, eval_start=eval_sampler.state_dict(),
                            model=model, teacher=teacher, optimizer=optimizer, runner=runner, accum=accum,
                            step=step, log=log, out_dir=out_dir)
