@@ -93,7 +93,7 @@ def _read_records(path, field):
 
 
 def _detect_field_and_kind(path, field):
-    """Default field: the first of `text`, `content`, `raw_content` (the official loader's order, RECIPE section 4;
+    """Default field: the first of `text`, `content`, `raw_content` (the official loader's order, RECIPE section 4.4;
     StarCoder has `content`) and `messages` that the first jsonl record, or the parquet schema, has; else `text`.
     The kind follows the first value: a string is a text document, a list is a chat conversation."""
     if field is None:
@@ -286,9 +286,9 @@ class Source:
 
 # Table: data mixtures, percent of sampled tokens (RECIPE section 5): source: dataset as the official README links
 # it (Hugging Face id, subset or file; Dolmino's folders not named), unique tokens (B), pretrain phase 1, phase 2,
-# midtrain phase 1, phase 2. One name, one corpus: RedPajama's StackExchange is not Dolmino's, nor are the Nemotron
-# SFT files (flattened to text in an unpublished way) Nemotron's pre-training code. Mid-training ratios are measured
-# AFTER influence-based sub-sampling (RECIPE section 7; mixing.py): on unfiltered sources they are not the paper's.
+# midtrain phase 1, phase 2. One name, one corpus (RECIPE section 5.3): RedPajama's StackExchange is not Dolmino's,
+# nor are the Nemotron SFT files (flattened to text in an unpublished way) Nemotron's pre-training code. Mid-training
+# ratios are measured AFTER influence-based sub-sampling (RECIPE section 7; mixing.py): unfiltered, not the paper's.
 NEMOTRON_SFT = "nvidia/Llama-Nemotron-Post-Training-Dataset SFT/"
 MIXTURE_TABLE = {
     "starcoder":                 ("bigcode/starcoderdata", 263.8, 10.66, 0.52, 6.90, 9.70),
@@ -296,7 +296,7 @@ MIXTURE_TABLE = {
     "fineweb-edu":               ("HuggingFaceFW/fineweb-edu", 1300, 63.75, 54.83, None, None),
     "wiki":                      ("allenai/dolmino-mix-1124 data/wiki", 3.7, 5.03, 0.14, 2.66, 0.47),
     "arxiv":                     ("togethercomputer/RedPajama-Data-1T urls/arxiv.txt", 28, 6.36, 1.32, None, None),
-    "redpajama-stackexchange":   ("togethercomputer/RedPajama-Data-1T stackexchange", 19.6, 5.03, 0.86, None, None),
+    "redpajama-stackexchange":   ("RedPajama-Data-1T stackexchange.jsonl", 19.6, 5.03, 0.86, None, None),
     "algebraic-stack":           ("EleutherAI/proof-pile-2 algebraic-stack", 12.6, 2.25, 1.26, None, None),
     "nemotron-sft-science":      (NEMOTRON_SFT + "science/science.jsonl", 2, None, 0.03, None, None),
     "nemotron-sft-code":         (NEMOTRON_SFT + "code/code_v1.1.jsonl", 16, None, 0.72, None, None),
@@ -312,11 +312,11 @@ MIXTURE_TABLE = {
     "dolmino-math":              ("allenai/dolmino-mix-1124 Math", None, None, None, 11.63, 29.10),
     "nemotron-pretraining-code": ("nvidia/Nemotron-Pretraining-Code-v1", None, None, None, 20.69, 29.10),
     "nemotron-cc-math":          ("nvidia/Nemotron-CC-Math-v1", None, None, None, 3.45, 19.40),
-    "benchmark-train-sets":      ("train splits of mandarjoshi/trivia_qa rc, allenai/openbookqa main, NQ-open, "
-                                  "PIQA, openai/gsm8k main, google/boolq, allenai/ai2_arc ARC-Easy and ARC-Challenge",
+    "benchmark-train-sets":      ("train splits of mandarjoshi/trivia_qa rc, allenai/openbookqa main, openai/gsm8k "
+                                  "main, google/boolq, allenai/ai2_arc ARC-Easy, ARC-Challenge; NQ-open, PIQA (GitHub)",
                                   None, None, None, 0.0, 0.97),
 }
-# Table: SFT data (RECIPE sections 4-5): source: dataset, samples (official README; paper v1 Table 5: 3.2M / 802K /
+# Table: SFT data (RECIPE section 5.4): source: dataset, samples (official README; paper v1 Table 5: 3.2M / 802K /
 # 2.2M), preset. Under --epochs, train.py's SFT default, every source is served E times whatever the weights. The
 # reasoning-SFT script reads a local `dataset_chatml_format`: its splits and conversion to `messages` are unpublished.
 SFT_TABLE = {
@@ -396,10 +396,10 @@ class MixtureSampler:
         self.chat_pos = [[0, 0] for _ in self.sources]  # chat sources: (epoch, next conversation in its permutation)
         self._perms, self.epoch_rows = {}, None
         if epochs is not None:
-            # SFT runs E epochs (RECIPE section 4). The official recipe concatenates its SFT data, which serves each
-            # source in proportion to its size; here a source's size is the rows its E epochs fill once packed,
-            # counted by replaying the packing of each epoch. The scheduler keeps every source within a row of
-            # weight x rows: all advance together, and after sum(epoch_rows) rows each has served exactly E epochs.
+            # SFT runs E epochs (RECIPE sections 4.1, 4.6): the official script makes E passes over one dataset of all
+            # its SFT data, serving each source in proportion to its size. Here that size is the rows E epochs of a
+            # source fill once packed (replayed exactly); the scheduler keeps every source within a row of weight x
+            # rows, so all advance together and after sum(epoch_rows) rows each has served exactly E epochs.
             self.epoch_rows = [self._rows_for_epochs(s, epochs) for s in range(len(self.sources))]
             self.weights = np.array(self.epoch_rows) / sum(self.epoch_rows)
             self.mixture = dict(zip(self.names, self.weights.tolist()))
@@ -480,7 +480,7 @@ class MixtureSampler:
         src, n = self.sources[s], self.seq_len + 1
         docs = [src.doc(d) for d in self._epoch(s, e)[0][pos:pos + count]]
         tokens = np.concatenate([t for t, _ in docs])[:n]
-        # sft_loss "all" (the official SFT, RECIPE section 4): every token but the conversation's first (BOS), which
+        # sft_loss "all" (the official SFT, RECIPE section 4.6): every token but the conversation's first (BOS), which
         # nothing predicts in a row of its own; so no conversation is trained to predict the next one's start
         mask = np.concatenate([m.astype(bool) if self.sft_loss == "assistant" else np.arange(len(t)) > 0
                                for t, m in docs])[:n]

@@ -108,7 +108,7 @@ def parse_args(argv):
     g("--eval-data", help="held-out data folder for the eval loss (default: --data, another seed's rows)")
     g("--eval-mixture", help="mixture of --eval-data (default: --mixture)")
     g("--seq-len", type=int, help="tokens per sequence")
-    # The official SFT (sft/sft.py: TRL SFTTrainer, RECIPE section 4) trains on every token of the conversation but
+    # The official SFT (sft/sft.py: TRL SFTTrainer, RECIPE section 4.6) trains on every token of the conversation but
     # padding: `all`. Ours, `assistant`, trains only on what the model will write: the assistant's tokens and their
     # <|eot_id|>, not on predicting prompts and headers. Both pack conversations into rows with document masks, so
     # none attends to another and each one's loss is the same as alone in a row (RoPE scores are relative). The
@@ -383,7 +383,7 @@ def setup_run(args, rt):
     eval_sampler = data.MixtureSampler(args.eval_data or args.data, args.eval_mixture or args.mixture,
                                        args.seq_len, args.batch_size, rank=rt.rank, world_size=rt.world_size,
                                        seed=args.seed + EVAL_SEED_OFFSET, renormalize=args.renormalize)
-    if args.max_steps is None:  # SFT: --epochs of every source, in packed rows (RECIPE section 4: 2 or 4 epochs)
+    if args.max_steps is None:  # SFT: --epochs of every source, in packed rows (RECIPE section 4.1: 2 or 4)
         args.max_steps = math.ceil(sum(sampler.epoch_rows) * args.seq_len / args.total_batch_tokens)
     ckpt = None
     if args.resume:
