@@ -15,7 +15,7 @@ with a dense 8-document mask), loss (kernels.linear_cross_entropy, recomputing i
 with gradients made in the forward, vs logits + F.cross_entropy), sampler (MixtureSampler vs
 nanoGPT's get_batch), cuda (bf16 tokens/s and MFU, eager and compiled; only when a GPU is present;
 python bench.py --only cuda). ratio = ours / reference: below 1 is better for s and MB, above 1 for
-tokens/s. A summary then says which goals of issues 4 and 7 each row meets.
+tokens/s. A summary then says which goals each row meets.
 
 Peak memory on CPU: torch keeps no peak statistics for CPU tensors, so we ask the kernel. Each memory
 figure comes from a fresh child process (this file with --memory-child) started with
@@ -53,9 +53,9 @@ from tokenizer import TokenizerError
 from model import MobileLLM, ModelConfig, ModelError
 
 SIDES = ("ours", "reference")
-# (batch, seq) of the training step: 140m as fits a CPU (as in shared/MEASURED.md), toy as train.py's toy preset
+# (batch, seq) of the training step: 140m as fits a CPU, toy as train.py's toy preset
 TRAIN_SHAPES = {"140m": (2, 256), "toy": (16, 256)}
-PROMPT, NEW_TOKENS = 64, 128  # generation: 128 new tokens after a 64-token prompt (issue 7)
+PROMPT, NEW_TOKENS = 64, 128  # generation: 128 new tokens after a 64-token prompt
 ATTN_HEADS = (9, 3, 64)  # query heads, kv heads, head_dim of the 140m model (RECIPE section 2)
 ATTN_DOCS = 8  # documents packed in one attention sequence
 CUDA_SIZES = ("140m", "360m", "950m")
@@ -435,7 +435,7 @@ def print_rows(rows):
             print("-+-".join("-" * w for w in widths))
 
 
-# Goals of issues 4 and 7, checked on the rows: (row name pattern, test, what it asks).
+# Goals, checked on the rows: (row name pattern, test, what it asks).
 GOALS = [
     ("train 140m 2x256 step time", lambda r: r["ratio"] <= 1 / 1.3, "training step >= 1.3x faster"),
     ("train 140m 2x256 peak memory (total)", lambda r: r["ratio"] <= 0.5, "training step <= 1/2 the peak memory"),

@@ -5,7 +5,7 @@ are in tokenizer.py, the toy corpus in toydata.py.
 
     python data.py toy                                   # the embedded toy corpus -> data/toy
     python data.py prepare --source fineweb-edu --input shards/*.jsonl --out data --tokenizer llama3
-    python data.py mix --data data --mixture pretrain-phase1 --rows 100000 --seq-len 2048
+    python data.py mix --data data --mixture pretrain-phase1 --rows 100000 --seq-len 2048   # needs, serves
 
 Layout of a data folder: one folder per source, DIR/NAME/ holding
     shard_00000.bin ...  64-byte header (8 little-endian uint64: magic, format version, vocab size,
@@ -15,18 +15,21 @@ Layout of a data folder: one folder per source, DIR/NAME/ holding
     meta.json            tokenizer, vocab size, n_tokens, n_docs, kind "text"|"chat", inputs
 meta.json is written last and the folder is renamed into place, so a folder with a meta.json is
 complete. Every document starts with BOS (RECIPE section 4); chat conversations are rendered with
-render_chat. Input formats: .jsonl (one JSON object per line; the field `text`, or `messages` for
-chat; --field picks another), .txt (the whole file is one document), .parquet (needs pyarrow).
+render_chat. Input formats: .jsonl (one JSON object per line; the field `text`, `content`, `raw_content`, or
+`messages` for chat; --field picks another), .txt (the whole file is one document), .parquet (needs pyarrow).
 """
 
 import argparse
+import importlib.util
 import json
+import math
 import multiprocessing
 import os
 import re
 import shutil
 import sys
 import zlib
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -89,21 +92,16 @@ def _read_records(path, field):
             yield f"{path}:{lineno}", rec[field]
 
 
-def write_jsonl(path, records):
-    """Write records as jsonl atomically (a temporary file renamed into place)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _detect_field_and_kind(path, field):
-    """Default field: `messages` when the first jsonl record has it (and no `text`), else `text`.
+    """Default field: the first of `text`, `content`, `raw_content` (the official loader's order, RECIPE section 4.4;
+    StarCoder has `content`) and `messages` that the first jsonl record, or the parquet schema, has; else `text`.
     The kind follows the first value: a string is a text document, a list is a chat conversation."""
     if field is None:
-        first = next(read_jsonl(path), (0, None))[1] if path.endswith(".jsonl") else None
-        field = "messages" if isinstance(first, dict) and "messages" in first and "text" not in first else "text"
+        names = next(read_jsonl(path), (0, {}))[1] if path.endswith(".jsonl") else []
+        if path.endswith(".parquet") and importlib.util.find_spec("pyarrow"):  # else _read_records asks for it
+            import pyarrow.parquet as pq
+            names = pq.read_schema(path).names
+        field = next((f for f in ("text", "content", "raw_content", "messages") if f in names), "text")
     value = next(_read_records(path, field), (None, None))[1]
     return field, "chat" if isinstance(value, list) else "text"
 
@@ -224,8 +222,9 @@ def prepare(source, inputs, out_dir, tokenizer="llama3", field=None, workers=Non
         workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
         bar = tqdm(total=len(jobs), desc=f"prepare {source}", unit="file", disable=None)
         parts = []
-        with multiprocessing.Pool(workers) if workers > 1 else _InProcess() as pool:
-            for result in pool.imap(_tokenize_file, jobs):  # in input order: identical output for any --workers
+        # --workers 1 runs in this process (and keeps tests free of process start-up)
+        with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:
+            for result in (pool.imap if pool else map)(_tokenize_file, jobs):  # input order: same for any --workers
                 parts += result
                 bar.update()
         bar.close()
@@ -254,13 +253,6 @@ def prepare(source, inputs, out_dir, tokenizer="llama3", field=None, workers=Non
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{folder}: {meta['n_docs']:,} {kind} documents, {meta['n_tokens']:,} tokens")
     return meta
-
-
-class _InProcess:
-    """Stands in for a Pool when --workers is 1 (and keeps tests free of process start-up)."""
-    def __enter__(self): return self
-    def __exit__(self, *exc): return False
-    def imap(self, fn, jobs): return map(fn, jobs)
 
 
 class Source:
@@ -292,34 +284,51 @@ class Source:
 # -----------------------------------------------------------------------------
 # Mixtures (RECIPE section 5) and the sampler
 
-# Table: data mixtures, percent of sampled tokens (RECIPE section 5). None = not in that phase.
-# source: unique tokens (billions, pre-training table), pretrain phase 1, phase 2, midtrain phase 1, phase 2
+# Table: data mixtures, percent of sampled tokens (RECIPE section 5): source: dataset as the official README links
+# it (Hugging Face id, subset or file; Dolmino's folders not named), unique tokens (B), pretrain phase 1, phase 2,
+# midtrain phase 1, phase 2. One name, one corpus (RECIPE section 5.3): RedPajama's StackExchange is not Dolmino's,
+# nor are the Nemotron SFT files (flattened to text in an unpublished way) Nemotron's pre-training code. Mid-training
+# ratios are measured AFTER influence-based sub-sampling (RECIPE section 7; mixing.py): unfiltered, not the paper's.
+NEMOTRON_SFT = "nvidia/Llama-Nemotron-Post-Training-Dataset SFT/"
 MIXTURE_TABLE = {
-    "starcoder":            (263.8, 10.66, 0.52, 6.90, 9.70),
-    "openwebmath":          (12.6, 6.93, 23.33, None, None),
-    "fineweb-edu":          (1300, 63.75, 54.83, None, None),
-    "wiki":                 (3.7, 5.03, 0.14, 2.66, 0.47),
-    "arxiv":                (28, 6.36, 1.32, None, None),
-    "stackexchange":        (19.6, 5.03, 0.86, 2.12, 2.00),
-    "algebraic-stack":      (12.6, 2.25, 1.26, None, None),
-    "nemotron-science":     (2, None, 0.03, None, None),
-    "nemotron-code":        (16, None, 0.72, 20.69, 29.10),
-    "nemotron-math":        (15, None, 3.01, None, None),
-    "cosmopedia":           (25, None, 2.70, None, None),
-    "natural-reasoning":    (1.8, None, 3.18, None, None),
-    "finemath-3plus":       (34, None, 8.01, None, None),
-    "pes2o":                (50, None, 0.08, 11.41, 2.01),
-    "dclm":                 (None, None, None, 37.03, 6.51),
-    "flan":                 (None, None, None, 4.10, 0.72),
-    "dolmino-math":         (None, None, None, 11.63, 29.10),
-    "nemotron-cc-math":     (None, None, None, 3.45, 19.40),
-    "benchmark-train-sets": (None, None, None, 0.0, 0.97),  # TriviaQA, OBQA, NQ, PIQA, GSM8K, BoolQ, ARC-E/C
+    "starcoder":                 ("bigcode/starcoderdata", 263.8, 10.66, 0.52, 6.90, 9.70),
+    "openwebmath":               ("open-web-math/open-web-math", 12.6, 6.93, 23.33, None, None),
+    "fineweb-edu":               ("HuggingFaceFW/fineweb-edu", 1300, 63.75, 54.83, None, None),
+    "wiki":                      ("allenai/dolmino-mix-1124 data/wiki", 3.7, 5.03, 0.14, 2.66, 0.47),
+    "arxiv":                     ("togethercomputer/RedPajama-Data-1T urls/arxiv.txt", 28, 6.36, 1.32, None, None),
+    "redpajama-stackexchange":   ("RedPajama-Data-1T stackexchange.jsonl", 19.6, 5.03, 0.86, None, None),
+    "algebraic-stack":           ("EleutherAI/proof-pile-2 algebraic-stack", 12.6, 2.25, 1.26, None, None),
+    "nemotron-sft-science":      (NEMOTRON_SFT + "science/science.jsonl", 2, None, 0.03, None, None),
+    "nemotron-sft-code":         (NEMOTRON_SFT + "code/code_v1.1.jsonl", 16, None, 0.72, None, None),
+    "nemotron-sft-math":         (NEMOTRON_SFT + "math/math_v1.1.jsonl", 15, None, 3.01, None, None),
+    "cosmopedia":                ("HuggingFaceTB/cosmopedia", 25, None, 2.70, None, None),
+    "natural-reasoning":         ("facebook/natural_reasoning", 1.8, None, 3.18, None, None),
+    "finemath-3plus":            ("HuggingFaceTB/finemath finemath-3plus", 34, None, 8.01, None, None),
+    "pes2o":                     ("allenai/peS2o", 50, None, 0.08, None, None),
+    "dclm":                      ("allenai/dolmino-mix-1124 DCLM Baseline", None, None, None, 37.03, 6.51),
+    "flan":                      ("allenai/dolmino-mix-1124 FLAN", None, None, None, 4.10, 0.72),
+    "dolmino-pes2o":             ("allenai/dolmino-mix-1124 peS2o", None, None, None, 11.41, 2.01),
+    "dolmino-stackexchange":     ("allenai/dolmino-mix-1124 StackExchange", None, None, None, 2.12, 2.00),
+    "dolmino-math":              ("allenai/dolmino-mix-1124 Math", None, None, None, 11.63, 29.10),
+    "nemotron-pretraining-code": ("nvidia/Nemotron-Pretraining-Code-v1", None, None, None, 20.69, 29.10),
+    "nemotron-cc-math":          ("nvidia/Nemotron-CC-Math-v1", None, None, None, 3.45, 19.40),
+    "benchmark-train-sets":      ("train splits of mandarjoshi/trivia_qa rc, allenai/openbookqa main, openai/gsm8k "
+                                  "main, google/boolq, allenai/ai2_arc ARC-Easy, ARC-Challenge; NQ-open, PIQA (GitHub)",
+                                  None, None, None, 0.0, 0.97),
 }
-PHASES = ("pretrain-phase1", "pretrain-phase2", "midtrain-phase1", "midtrain-phase2")
-PRESETS = {phase: {name: row[1 + i] for name, row in MIXTURE_TABLE.items() if row[1 + i]}
-           for i, phase in enumerate(PHASES)}
-# Not from the paper: the laptop run's two pre-training sources (toydata.py), mostly worked traces.
-PRESETS["toy"] = {"toy-traces": 0.9, "toy-facts": 0.1}
+# Table: SFT data (RECIPE section 5.4): source: dataset, samples (official README; paper v1 Table 5: 3.2M / 802K /
+# 2.2M), preset. Under --epochs, train.py's SFT default, every source is served E times whatever the weights. The
+# reasoning-SFT script reads a local `dataset_chatml_format`: its splits and conversion to `messages` are unpublished.
+SFT_TABLE = {
+    "tulu-3-sft-olmo-2":       ("allenai/tulu-3-sft-olmo-2-mixture-0225", 866e3, "general-sft"),
+    "openmathreasoning":       ("nvidia/OpenMathReasoning (split not named)", 3.2e6, "reasoning-sft"),
+    "openscience-reasoning-2": ("nvidia/OpenScienceReasoning-2 (split not named)", 803e3, "reasoning-sft"),
+    "opencode-reasoning-2":    ("nvidia/OpenCodeReasoning-2 (split not named)", 2.16e6, "reasoning-sft"),
+}
+PRESETS = {phase: {name: row[2 + i] for name, row in MIXTURE_TABLE.items() if row[2 + i]}
+           for i, phase in enumerate(("pretrain-phase1", "pretrain-phase2", "midtrain-phase1", "midtrain-phase2"))}
+PRESETS.update({p: {n: r[1] for n, r in SFT_TABLE.items() if r[2] == p} for p in ("general-sft", "reasoning-sft")})
+PRESETS["toy"] = {"toy-traces": 0.9, "toy-facts": 0.1}  # not from the paper: the laptop run's sources (toydata.py)
 
 
 def resolve_mixture(data_dir, mixture, renormalize=False):
@@ -365,11 +374,13 @@ class MixtureSampler:
     run may resume on another number of ranks). Within a source, documents follow a seeded permutation
     per epoch. Text sources: documents are concatenated and the stream is cut into rows (RECIPE section
     4). Chat sources: whole conversations are packed into a row (a too-long one alone, cropped), the
-    rest padded, with per-token document ids for attention masking and the loss mask of render_chat.
+    rest padded, with per-token document ids for attention masking and the loss mask of render_chat
+    (sft_loss "assistant") or of every token but each conversation's first ("all").
     """
 
-    def __init__(self, data_dir, mixture, seq_len, batch_size, rank=0, world_size=1, seed=0, renormalize=False):
-        assert 0 <= rank < world_size and seq_len > 0 and batch_size > 0
+    def __init__(self, data_dir, mixture, seq_len, batch_size, rank=0, world_size=1, seed=0, renormalize=False,
+                 epochs=None, sft_loss="assistant"):
+        assert 0 <= rank < world_size and seq_len > 0 and batch_size > 0 and sft_loss in ("assistant", "all")
         self.mixture = resolve_mixture(data_dir, mixture, renormalize)
         self.names = list(self.mixture)
         self.weights = np.array([self.mixture[n] for n in self.names])
@@ -379,22 +390,52 @@ class MixtureSampler:
             raise DataError(f"the sources of a mixture must share one tokenizer: {used}; prepare all with one")
         meta = self.sources[0].meta
         self.tokenizer, self.vocab_size, self.pad_id = meta["tokenizer"], meta["vocab_size"], meta["pad_id"]
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.row = 0  # next global row
+        self.seq_len, self.batch_size, self.seed, self.sft_loss = seq_len, batch_size, seed, sft_loss
+        self.rank, self.world_size, self.row = rank, world_size, 0  # row: the next global row
         self.rows = np.zeros(len(self.sources), dtype=np.int64)  # rows served per source
         self.chat_pos = [[0, 0] for _ in self.sources]  # chat sources: (epoch, next conversation in its permutation)
-        self._perms = {}
+        self._perms, self.epoch_rows = {}, None
+        if epochs is not None:
+            # SFT runs E epochs (RECIPE sections 4.1, 4.6): the official script makes E passes over one dataset of all
+            # its SFT data, serving each source in proportion to its size. Here that size is the rows E epochs of a
+            # source fill once packed (replayed exactly); the scheduler keeps every source within a row of weight x
+            # rows, so all advance together and after sum(epoch_rows) rows each has served exactly E epochs.
+            self.epoch_rows = [self._rows_for_epochs(s, epochs) for s in range(len(self.sources))]
+            self.weights = np.array(self.epoch_rows) / sum(self.epoch_rows)
+            self.mixture = dict(zip(self.names, self.weights.tolist()))
 
     def _epoch(self, s, e):
-        """Source s's document permutation in epoch e and the end offset of each document in that order."""
+        """Source s's document permutation in epoch e, the end offset of each document in that order, and for a
+        chat source the packing: where each row of the epoch stops, counted in conversations."""
         if (s, e) not in self._perms:
             src = self.sources[s]
             # keyed by the source name, so adding a source to the mixture leaves the others' orders alone
             perm = np.random.default_rng([self.seed, zlib.crc32(src.name.encode()), e]).permutation(len(src.docs))
+            lengths = src.docs[perm, 2]
+            ends, stops = np.cumsum(lengths), None
+            if src.kind == "chat":  # a row: as many whole conversations as fit in seq_len + 1 tokens, at least one
+                # (cropped); following[i]: where the row that starts at conversation i stops
+                following = np.maximum(np.searchsorted(ends, ends - lengths + self.seq_len + 1, side="right"),
+                                       np.arange(1, len(perm) + 1))
+                stops = [int(following[0])]
+                while stops[-1] < len(perm):
+                    stops.append(int(following[stops[-1]]))
+                stops = np.array(stops)
             self._perms = {k: v for k, v in self._perms.items() if k[0] != s or k[1] >= e - 1}
-            self._perms[(s, e)] = perm, np.cumsum(src.docs[perm, 2])
+            self._perms[(s, e)] = perm, ends, stops
         return self._perms[(s, e)]
+
+    def _rows_for_epochs(self, s, epochs):
+        """Rows that serve source s `epochs` times: chat sources as packed, epoch by epoch; text by their tokens."""
+        src = self.sources[s]
+        if src.kind == "text":
+            return math.ceil(epochs * src.n_tokens / (self.seq_len + 1))
+        rows = 0
+        for e in range(math.ceil(epochs)):
+            _, ends, stops = self._epoch(s, e)
+            part = epochs - e  # the last epoch may be partial: rows until the tokens served reach that fraction
+            rows += len(stops) if part >= 1 else int(np.searchsorted(ends[stops - 1], part * src.n_tokens)) + 1
+        return rows
 
     def _advance(self):
         """Schedule the next global row: choose its source, move that source's pointer, return a ticket
@@ -410,10 +451,8 @@ class MixtureSampler:
             ticket = (s, int(self.rows[s]))
         else:
             e, pos = self.chat_pos[s]
-            perm, ends = self._epoch(s, e)
-            start = ends[pos - 1] if pos else 0
-            # as many whole conversations as fit in seq_len + 1 tokens; at least one (cropped if too long)
-            n = max(int(np.searchsorted(ends, start + self.seq_len + 1, side="right")) - pos, 1)
+            perm, _, stops = self._epoch(s, e)
+            n = int(stops[np.searchsorted(stops, pos, side="right")]) - pos
             ticket = (s, e, pos, n)
             self.chat_pos[s] = [e + 1, 0] if pos + n == len(perm) else [e, pos + n]
         self.rows[s] += 1
@@ -428,7 +467,7 @@ class MixtureSampler:
         while filled < n:
             if offset == src.n_tokens:
                 e, offset = e + 1, 0
-            perm, ends = self._epoch(s, e)
+            perm, ends, _ = self._epoch(s, e)
             j = int(np.searchsorted(ends, offset, side="right"))
             tokens, _ = src.doc(perm[j])
             skip = offset - (ends[j] - len(tokens))
@@ -439,10 +478,12 @@ class MixtureSampler:
 
     def _chat_row(self, s, e, pos, count):
         src, n = self.sources[s], self.seq_len + 1
-        perm, _ = self._epoch(s, e)
-        docs = [src.doc(d) for d in perm[pos:pos + count]]
+        docs = [src.doc(d) for d in self._epoch(s, e)[0][pos:pos + count]]
         tokens = np.concatenate([t for t, _ in docs])[:n]
-        mask = np.concatenate([m for _, m in docs])[:n].astype(bool)
+        # sft_loss "all" (the official SFT, RECIPE section 4.6): every token but the conversation's first (BOS), which
+        # nothing predicts in a row of its own; so no conversation is trained to predict the next one's start
+        mask = np.concatenate([m.astype(bool) if self.sft_loss == "assistant" else np.arange(len(t)) > 0
+                               for t, m in docs])[:n]
         doc_ids = np.concatenate([np.full(len(t), i, dtype=np.int32) for i, (t, _) in enumerate(docs)])[:n]
         pad = n - len(tokens)  # padding: pad id, no loss, its own document id so it attends to no conversation
         return (np.concatenate([tokens, np.full(pad, self.pad_id, dtype=np.uint32)]),
@@ -452,12 +493,7 @@ class MixtureSampler:
     def next_batch(self):
         """(x, y, doc_ids) for this rank: x, y LongTensors (B, seq_len), y = -100 where not supervised;
         doc_ids (B, seq_len) int32 when the mixture has a chat source (text rows: all 0), else None."""
-        mine = []
-        for _ in range(self.batch_size):
-            for r in range(self.world_size):
-                ticket = self._advance()
-                if r == self.rank:
-                    mine.append(ticket)
+        mine = [self._advance() for _ in range(self.batch_size * self.world_size)][self.rank::self.world_size]
         rows = [self._text_row(*t) if len(t) == 2 else self._chat_row(*t) for t in mine]
         tokens = np.stack([t for t, _, _ in rows]).astype(np.int64)
         x, y = torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(tokens[:, 1:].copy())
@@ -466,10 +502,7 @@ class MixtureSampler:
                 y[i, torch.from_numpy(~mask[1:])] = -100
         if all(s.kind == "text" for s in self.sources):
             return x, y, None
-        doc_ids = np.zeros(tokens.shape, dtype=np.int32)
-        for i, (_, _, ids) in enumerate(rows):
-            if ids is not None:
-                doc_ids[i] = ids
+        doc_ids = np.stack([np.zeros(len(t), dtype=np.int32) if ids is None else ids for t, _, ids in rows])
         return x, y, torch.from_numpy(doc_ids[:, :-1].copy())
 
     def skip_rows(self, n):
@@ -481,10 +514,6 @@ class MixtureSampler:
     def served(self):
         """Tokens served per source so far, all ranks together (chat rows count their padding)."""
         return {name: int(r) * (self.seq_len + 1) for name, r in zip(self.names, self.rows)}
-
-    def total_tokens(self):
-        """Unique tokens of the mixture's sources (one epoch of each)."""
-        return sum(src.n_tokens for src in self.sources)
 
     def epochs(self):
         """Passes over each source's unique tokens so far (the paper resamples ~2T unique tokens to 4.2T)."""
@@ -513,15 +542,6 @@ class MixtureSampler:
         self.chat_pos = [list(state["chat_pos"][n]) for n in self.names]
 
 
-def mixture_report(sampler, rows):
-    """What `rows` more global rows of this sampler serve: per source tokens, share, weight, epochs."""
-    sampler.skip_rows(rows)
-    served, epochs = sampler.served, sampler.epochs()
-    total = sum(served.values())
-    return {name: {"tokens": served[name], "share": served[name] / total, "weight": sampler.mixture[name],
-                   "epochs": epochs[name]} for name in sampler.names}
-
-
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -532,13 +552,12 @@ def main(argv=None):
     p.add_argument("--input", required=True, nargs="+", help=".jsonl, .txt (one document per file) or .parquet files")
     p.add_argument("--out", default="data", help="data folder")
     p.add_argument("--tokenizer", default="llama3", help="llama3, toy, a tokenizer.model, or a tokenizer.json folder")
-    p.add_argument("--field", default=None, help="jsonl/parquet field (default: text, or messages for chat jsonl)")
+    p.add_argument("--field", default=None, help="jsonl/parquet field (default: text, content, raw_content, messages)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU, at most one per file)")
     p = sub.add_parser("toy", help="write the embedded synthetic reasoning corpus")
     p.add_argument("--out", default="data/toy", help="data folder")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
-    p.add_argument("--no-trace", action="store_true",
-                   help="answers without the reasoning trace (the ablation: same problems, no steps)")
+    p.add_argument("--no-trace", action="store_true", help="answers without the trace (the ablation: same problems)")
     p = sub.add_parser("mix", help="show what a mixture serves")
     p.add_argument("--data", default="data", help="data folder")
     p.add_argument("--mixture", required=True, help=f"preset ({', '.join(PRESETS)}) or NAME=WEIGHT,NAME=WEIGHT")
@@ -555,15 +574,23 @@ def main(argv=None):
             import toydata  # the toy corpus generator imports this module
             toydata.write_toy(args.out, args.seed, with_trace=not args.no_trace)
         else:
+            needs = {} if args.json else PRESETS.get(args.mixture, {})  # a preset's sources: share, prepared, dataset
+            for name, w in needs.items():
+                ready = "prepared" if read_meta(os.path.join(args.data, name)) else "missing"
+                dataset = {**MIXTURE_TABLE, **SFT_TABLE}.get(name, ("the toy corpus: python data.py toy",))[0]
+                print(f"{name:<26}{w / sum(needs.values()):>7.2%}  {ready:<9} {dataset}")
             sampler = MixtureSampler(args.data, args.mixture, args.seq_len, 1, seed=args.seed,
                                      renormalize=args.renormalize)
-            report = mixture_report(sampler, args.rows)
+            sampler.skip_rows(args.rows)  # what that many rows serve: per source tokens, share, weight, epochs
+            served, epochs = sampler.served, sampler.epochs()
+            report = {name: {"tokens": served[name], "share": served[name] / sum(served.values()),
+                             "weight": sampler.mixture[name], "epochs": epochs[name]} for name in sampler.names}
             if args.json:
                 print(json.dumps(report, indent=1))
             else:
-                print(f"{'source':<22}{'tokens':>16}{'share':>9}{'weight':>9}{'epochs':>10}")
+                print(f"{'source':<26}{'tokens':>16}{'share':>9}{'weight':>9}{'epochs':>10}")
                 for name, r in report.items():
-                    print(f"{name:<22}{r['tokens']:>16,}{r['share']:>9.2%}{r['weight']:>9.2%}{r['epochs']:>10.3f}")
+                    print(f"{name:<26}{r['tokens']:>16,}{r['share']:>9.2%}{r['weight']:>9.2%}{r['epochs']:>10.3f}")
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

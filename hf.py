@@ -3,7 +3,7 @@ Hugging Face folders in and out of model.py's one MobileLLM class: config.json m
 reading without a second copy of the weights, and a complete export (weights, config, generation
 config, tokenizer and chat template) that transformers, llama.cpp's converter and sample.py load.
 
-Two architectures map onto the class (RECIPE sections 2 and 4):
+Two architectures map onto the class (RECIPE sections 2 and 4.5):
 - Llama4ForCausalLM (model_type llama4_text): MobileLLM-R1 as released: interleaved RoPE, QK-norm, tied head.
 - LlamaForCausalLM (model_type llama): Llama 3.x, the mid-training teacher: rotate-half RoPE, no
   QK-norm, "llama3" rope scaling, untied head; its MLP is called `mlp` where Llama 4 says `feed_forward`.
@@ -235,7 +235,7 @@ def save(model, path, tokenizer=None):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="model.py", description="Hugging Face export of a model of ours.")
     commands = p.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write a complete Hugging Face folder: weights, config, generation "
@@ -243,7 +243,11 @@ def main(argv=None):
     export.add_argument("src", metavar="RUN_DIR", help="run folder of ours (its newest checkpoint), a ckpt_*.pt file, "
                         "or a Hugging Face folder")
     export.add_argument("out", metavar="OUT_DIR", help="a new or empty folder (or an earlier export, replaced)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         model, tokenizer, meta = load_model(args.src)
         save(model, args.out, tokenizer)

@@ -5,7 +5,7 @@ A dense Llama-4-text decoder: pre-norm blocks of grouped-query attention with in
 weightless QK RMS-norm, then a SwiGLU MLP; input and output embeddings are tied. Module names follow
 Hugging Face's Llama4ForCausalLM (minus its "model." prefix) so the released checkpoints load with no
 renaming: `MobileLLM.from_hf(folder)` and `model.save_hf(folder, tokenizer)` (the folder code is in hf.py).
-Three config switches make the same class a Llama 3.x, the mid-training teacher (RECIPE section 4):
+Three config switches make the same class a Llama 3.x, the mid-training teacher (RECIPE section 4.5):
 no QK-norm, rotate-half RoPE, "llama3" rope scaling, and an untied head.
 
     from model import MobileLLM, ModelConfig
@@ -13,10 +13,14 @@ no QK-norm, rotate-half RoPE, "llama3" rope scaling, and an untied head.
     logits = model(idx)                     # (B, T, vocab)
     logits, loss = model(idx, targets)      # targets == -100 are ignored
     out = model.generate(idx, 128)          # greedy, with a preallocated KV cache
+
+A run of ours as a complete Hugging Face folder (weights, config, generation config, tokenizer.json and
+tokenizer_config.json with the chat template), for transformers, llama.cpp's converter and sample.py --hf:
+    python model.py export out/toy out/toy-hf
 """
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -43,7 +47,7 @@ class ModelConfig:
     max_seq_len: int = 4096
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    # What a Llama-3 teacher (RECIPE section 4) does differently; the defaults are MobileLLM-R1 (section 2).
+    # What a Llama-3 teacher (RECIPE section 4.5) does differently; the defaults are MobileLLM-R1 (section 2).
     qk_norm: bool = True  # weightless RMS-norm of q and k after RoPE; Llama 3 has none
     rope_interleaved: bool = True  # RoPE pairs dims (2i, 2i+1); False: Llama's rotate-half pairs (i, i + D/2)
     # Llama 3.1's "llama3" frequency scaling, None for none: a dict of factor, low_freq_factor,
@@ -52,16 +56,24 @@ class ModelConfig:
 
     @classmethod
     def from_size(cls, name, long_context=False):
-        """The paper's sizes (RECIPE section 2) plus laptop configs. `long_context` selects the
-        post-trained setting: 32k context with rope theta multiplied by 8 (1e6 -> 8e6)."""
+        """The paper's sizes (RECIPE section 2) plus laptop configs; long_context: see long_context()."""
         if name not in SIZES:
             raise ModelError(f"unknown model size {name!r}: choose one of {', '.join(SIZES)}")
         config = cls(**SIZES[name])
-        if long_context:
-            config.rope_theta *= 8
-            config.max_seq_len = 32768
-        return config
+        return config.long_context() if long_context else config
 
+    def long_context(self):
+        """The context extension before reasoning SFT (RECIPE section 4): rope theta multiplied by
+        LONG_CONTEXT_THETA_FACTOR and the context raised to LONG_CONTEXT_LEN; no rope scaling. A
+        config already at the long context (a post-trained checkpoint) is returned unchanged."""
+        if self.max_seq_len >= LONG_CONTEXT_LEN:
+            return self
+        return replace(self, rope_theta=self.rope_theta * LONG_CONTEXT_THETA_FACTOR, max_seq_len=LONG_CONTEXT_LEN)
+
+
+# The context extension (RECIPE section 4): 4k base models -> 32k post-trained models, theta x 8.
+LONG_CONTEXT_THETA_FACTOR = 8
+LONG_CONTEXT_LEN = 32768
 
 # Table: MobileLLM-R1 architectures (RECIPE section 2). vocab 128,256, tied embeddings, base context
 # 4k at theta 1e6. The toy configs use the byte-level toy tokenizer (data.py) and train on a CPU.
@@ -433,6 +445,12 @@ def load_model(path, device="cpu", dtype=None):
     return model, ckpt["tokenizer"], dict(meta, path=str(file), format="ours")
 
 
+def parse_args(argv=None):
+    """The command line of `python model.py export RUN_DIR OUT_DIR` (hf.py does the work)."""
+    import hf
+    return hf.parse_args(argv)
+
+
 if __name__ == "__main__":
-    from hf import main  # `python model.py export RUN_DIR OUT_DIR`
+    from hf import main
     main()

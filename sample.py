@@ -34,6 +34,7 @@ from tqdm import tqdm
 from data import DataError, read_jsonl
 from tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerError, get_tokenizer, render_chat, stop_ids
 from model import MobileLLM, ModelError, latest_checkpoint, load_model
+from runtime import DeviceError, pick_device
 
 DEFAULT_CKPT = "out/toy"  # where `python train.py` saves the toy run
 DEFAULT_EVAL = "data/toy/eval.jsonl"  # held-out problems written by `python data.py toy`
@@ -49,16 +50,6 @@ class SampleError(Exception):
 
 # ------------------------------------------------------------------------------------------------
 # Loading
-
-
-def pick_device(name):
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def load(args, device):
@@ -423,7 +414,7 @@ def main(argv=None):
             run_show(model, enc, eval_problems(args), args, color)
         else:
             run_eval(model, enc, eval_problems(args), args, color)
-    except (ModelError, DataError, TokenizerError, SampleError) as e:
+    except (ModelError, DataError, TokenizerError, DeviceError, SampleError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C while a reply streams: stop quietly, as a shell command does

@@ -1,5 +1,5 @@
 """
-Train MobileLLM-R1: pre-training, mid-training with distillation, and SFT (shared/RECIPE.md section 4),
+Train MobileLLM-R1: pre-training, mid-training with distillation, and SFT (RECIPE section 4),
 from a laptop CPU to many GPUs, resumable to the bit.
 
 The laptop toy run (CPU, at most 10 minutes on 2 cores): writes data/toy if missing, pre-trains and fine-tunes the
@@ -13,12 +13,15 @@ tokens and gradient accumulation is derived from it; prepare the data with `pyth
     torchrun --standalone --nproc_per_node 8 train.py --stage pretrain --init-from out/140m-pt1 \
         --data data/pretrain --mixture pretrain-phase2 --out-dir out/140m-pt2
     torchrun --standalone --nproc_per_node 8 train.py --stage midtrain --init-from out/140m-pt2 \
-        --teacher TEACHER_DIR --data data/midtrain --mixture midtrain-phase1 --out-dir out/140m-mt1
+        --teacher Llama-3.1-8B-Instruct --data data/midtrain --mixture midtrain-phase1 --out-dir out/140m-mt1
+    torchrun --standalone --nproc_per_node 8 train.py --stage midtrain --init-from out/140m-mt1 \
+        --teacher Llama-3.1-8B-Instruct --data data/midtrain --mixture midtrain-phase2 --out-dir out/140m-mt2
     torchrun --standalone --nproc_per_node 8 train.py --stage sft --init-from out/140m-mt2 \
-        --data data/sft --mixture tulu3=1 --out-dir out/140m-sft1
+        --data data/sft --mixture general-sft --out-dir out/140m-sft1
     torchrun --standalone --nproc_per_node 8 train.py --stage sft --long-context --init-from out/140m-sft1 \
-        --data data/sft --mixture reasoning=1 --out-dir out/140m-sft2
-(`--init-from` also takes a Hugging Face folder, e.g. facebook/MobileLLM-R1-140M-base as downloaded.)
+        --data data/sft --mixture reasoning-sft --out-dir out/140m-sft2
+(`--init-from` and `--teacher` also take Hugging Face folders as downloaded: facebook/MobileLLM-R1-140M-base,
+meta-llama/Llama-3.1-8B-Instruct.)
 Multi-node, as in the paper (16 nodes x 8 GPUs), the same command on every node:
     torchrun --nnodes 16 --nproc_per_node 8 --node-rank $NODE_RANK --master-addr $MASTER_ADDR \
         --master-port 29500 train.py --size 950m --stage pretrain ...
@@ -30,13 +33,13 @@ import json
 import math
 import os
 import platform
-import random
 import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -47,57 +50,34 @@ from tqdm import tqdm
 
 import data
 import kernels
+from runtime import DeviceError, Runtime, peak_flops
 from tokenizer import TokenizerError
 import sample
 import toydata
 from model import (MobileLLM, ModelConfig, ModelError, latest_checkpoint, load_model, model_from_checkpoint,
                    read_checkpoint)
 
-# -------------------------------------------------------------------------------------------------
-# The embedded laptop run (`python train.py`): pre-train, then SFT, then held-out accuracy.
-# Each stage dict is exactly a set of command-line flags (printed in the log, so it can be re-run).
-TOY_DEFAULTS = {
-    "data": "data/toy", "out_dir": "out/toy", "eval_problems": 400, "max_new_tokens": 400,
-    # ~4.5M tokens of worked problems (about one epoch of toy-traces), then ~1,800 conversations.
-    # The eval loss: the 400 held-out problems, worked (toy-heldout, ~174 rows: 11 batches of 16).
-    "pretrain": dict(size="toy", stage="pretrain", mixture="toy", max_steps=1100, batch_size=16,
-                     seq_len=256, total_batch_tokens=16 * 256, lr=3e-3, warmup_steps=50,
-                     eval_every=500, log_every=50, save_every=500, eval_mixture="toy-heldout=1", eval_batches=11),
-    # SFT rows pack whole conversations (up to ~300 tokens each) into 512 tokens. The eval loss: the
-    # assistant tokens of the held-out problems as conversations (toy-heldout-sft, ~200 rows).
-    "sft": dict(stage="sft", mixture="toy-sft=1", max_steps=100, batch_size=8, seq_len=512,
-                total_batch_tokens=8 * 512, lr=1e-3, warmup_steps=10, eval_every=100,
-                log_every=20, save_every=100, eval_mixture="toy-heldout-sft=1", eval_batches=25),
-}
-
 # Table: training recipe per stage (RECIPE section 4). Total batch = 16 nodes x 8 GPUs x BS x seq.
 # `sft` is the general SFT row; `sft --long-context` is reasoning SFT (32k context, theta x 8).
-# Warmup: an int is steps, a float < 1 a fraction of max_steps. Pre-training decays to 10% of the
-# peak, the later stages to 0. Decay shape (--decay): linear by default, as the official README
-# states for every stage; the released pre-training code decays with a cosine (--decay cosine).
-# Mid-training publishes no warmup: 0.
+# Warmup: an int is steps, a float < 1 a fraction of max_steps (SFT: from --epochs). Pre-training decays to
+# 10% of the peak, the later stages to 0. Decay shape (--decay): linear by default, as the official README states
+# for every stage; the released pre-training code decays with a cosine. Mid-training publishes no warmup: 0.
 STAGE_DEFAULTS = {
-    "pretrain": dict(lr=4e-3, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, max_steps=500_000,
+    "pretrain": dict(lr=4e-3, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, beta2=0.95, max_steps=500_000,
                      batch_size=16, seq_len=2048, total_batch_tokens=128 * 16 * 2048),
-    "midtrain": dict(lr=3.6e-4, warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.1, max_steps=50_000,
+    "midtrain": dict(lr=3.6e-4, warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.1, beta2=0.95, max_steps=50_000,
                      batch_size=4, seq_len=4096, total_batch_tokens=128 * 4 * 4096),
-    "sft": dict(lr=5e-6, warmup_steps=0.03, min_lr_ratio=0.0, weight_decay=0.0, epochs=2,
+    "sft": dict(lr=5e-6, warmup_steps=0.03, min_lr_ratio=0.0, weight_decay=0.0, beta2=0.999, epochs=2,
                 batch_size=4, seq_len=4096, total_batch_tokens=128 * 4 * 4096),
-    "sft-reasoning": dict(lr=8e-5, warmup_steps=0.10, min_lr_ratio=0.0, weight_decay=0.0, epochs=4,
+    "sft-reasoning": dict(lr=8e-5, warmup_steps=0.10, min_lr_ratio=0.0, weight_decay=0.0, beta2=0.999, epochs=4,
                           batch_size=8, seq_len=32768, total_batch_tokens=128 * 8 * 32768),
 }
-BETAS, EPS, GRAD_CLIP = (0.9, 0.95), 1e-8, 1.0  # AdamW and clipping, all stages (RECIPE section 4)
+# AdamW beta1, eps and clipping, all stages (RECIPE section 4). beta2 is per stage above: the pre-training
+# script passes (0.9, 0.95); the SFT scripts pass none, so SFT runs with the Hugging Face default (0.9, 0.999).
+BETA1, EPS, GRAD_CLIP = 0.9, 1e-8, 1.0
 # Without --eval-data, eval rows come from another seed's stream of the training sources: other rows,
 # not unseen documents. A held-out folder (--eval-data) gives a true held-out loss.
 EVAL_SEED_OFFSET = 1_000_003
-
-# Peak dense bf16 FLOP/s per device, for MFU. First matching substring of the device name wins;
-# an unknown device shows MFU as n/a rather than a wrong number.
-PEAK_FLOPS = [("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12),
-              ("H800", 989e12), ("H20", 148e12), ("GH200", 989e12), ("B200", 2250e12),
-              ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
-              ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("MI300X", 1307e12), ("MI250X", 383e12)]
-
 
 class TrainError(Exception):
     """A problem with the run's settings the user can fix: printed as one line, exit code 2."""
@@ -116,41 +96,54 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Train MobileLLM-R1 (no arguments: the laptop toy run).",
                                 epilog=f"defaults per --stage (RECIPE section 4; sft-reasoning = sft --long-context):\n"
                                        f"{stages}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--size", help="model size for --init-from scratch: toy, toy-teacher, 140m, 360m, 950m")
-    a("--stage", default="pretrain", choices=["pretrain", "midtrain", "sft"], help="recipe stage (sets defaults)")
-    a("--data", help="prepared data folder (python data.py prepare / toy)")
-    a("--mixture", help="preset name (e.g. pretrain-phase1) or NAME=WEIGHT,... pairs")
-    a("--renormalize", action="store_true", help="let a preset use only the sources that are prepared")
-    a("--eval-data", help="held-out data folder for the eval loss (default: --data, another seed's rows)")
-    a("--eval-mixture", help="mixture of --eval-data (default: --mixture)")
-    a("--init-from", default="scratch", help="scratch, our checkpoint (file or run folder), or a Hugging Face folder")
-    a("--teacher", help="distillation teacher (our checkpoint or Hugging Face folder; same vocabulary)")
-    a("--kd-temperature", type=float, default=1.0, help="distillation temperature (loss scaled by T^2)")
-    a("--kd-ce-weight", type=float, default=0.0, help="weight of plain cross-entropy added to the KD loss")
-    a("--out-dir", help="run folder for checkpoints, log.txt and metrics.jsonl")
-    a("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
-    a("--max-steps", type=int, help="optimizer steps (default: the stage's, or --epochs for SFT)")
-    a("--epochs", type=float, help="SFT only: passes over the data, used when --max-steps is not given")
-    a("--batch-size", type=int, help="sequences per device per micro-step")
-    a("--total-batch-tokens", type=int, help="tokens per optimizer step over all devices")
-    a("--seq-len", type=int, help="tokens per sequence")
-    a("--long-context", action="store_true", help="reasoning SFT: rope theta x 8 and 32k context")
-    a("--lr", type=float, help="peak learning rate")
-    a("--warmup-steps", type=float, help="warmup: steps, or a fraction of --max-steps when < 1")
-    a("--min-lr-ratio", type=float, help="final learning rate as a fraction of the peak")
-    a("--decay", default="linear", choices=["linear", "cosine"],
+    g = p.add_argument_group("model").add_argument
+    g("--size", help="model size for --init-from scratch: toy, toy-teacher, 140m, 360m, 950m")
+    g("--init-from", default="scratch", help="scratch, our checkpoint (file or run folder), or a Hugging Face folder")
+    g("--long-context", action="store_true", help="reasoning SFT: rope theta x 8 and 32k context (RECIPE section 4)")
+    g = p.add_argument_group("data").add_argument
+    g("--stage", default="pretrain", choices=["pretrain", "midtrain", "sft"], help="recipe stage (sets defaults)")
+    g("--data", help="prepared data folder (python data.py prepare / toy)")
+    g("--mixture", help="preset name (e.g. pretrain-phase1) or NAME=WEIGHT,... pairs")
+    g("--renormalize", action="store_true", help="let a preset use only the sources that are prepared")
+    g("--eval-data", help="held-out data folder for the eval loss (default: --data, another seed's rows)")
+    g("--eval-mixture", help="mixture of --eval-data (default: --mixture)")
+    g("--seq-len", type=int, help="tokens per sequence")
+    # The official SFT (sft/sft.py: TRL SFTTrainer, RECIPE section 4.6) trains on every token of the conversation but
+    # padding: `all`. Ours, `assistant`, trains only on what the model will write: the assistant's tokens and their
+    # <|eot_id|>, not on predicting prompts and headers. Both pack conversations into rows with document masks, so
+    # none attends to another and each one's loss is the same as alone in a row (RoPE scores are relative). The
+    # eval loss stays on the assistant's tokens, so runs of either setting compare.
+    g("--sft-loss", default="assistant", choices=["assistant", "all"],
+      help="chat tokens trained on: assistant turns (ours) or the whole conversation (the official SFT)")
+    g("--seed", type=int, default=0, help="seed for initialisation and the data stream")
+    g = p.add_argument_group("schedule and optimizer").add_argument
+    g("--max-steps", type=int, help="optimizer steps (default: the stage's, or --epochs for SFT)")
+    g("--epochs", type=float, help="SFT: passes over every source (packed rows), used when --max-steps is not given")
+    g("--total-batch-tokens", type=int, help="tokens per optimizer step over all devices")
+    g("--lr", type=float, help="peak learning rate")
+    g("--warmup-steps", type=float, help="warmup: steps, or a fraction of --max-steps when < 1")
+    g("--min-lr-ratio", type=float, help="final learning rate as a fraction of the peak")
+    g("--decay", default="linear", choices=["linear", "cosine"],
       help="decay shape after warmup (the official README says linear; the released code uses cosine)")
-    a("--weight-decay", type=float, help="AdamW weight decay (never applied to norm weights)")
-    a("--device", default="auto", help="auto, cuda, mps or cpu")
-    a("--seed", type=int, default=0, help="seed for initialisation and the data stream")
-    a("--log-every", type=int, default=10, help="steps between log lines and metrics.jsonl records")
-    a("--eval-every", type=int, default=0, help="steps between held-out eval losses (0: only at the end)")
-    a("--eval-batches", type=int, default=8, help="micro-batches per device in each eval")
-    a("--save-every", type=int, default=1000, help="steps between checkpoints")
-    a("--keep-last", type=int, default=3, help="checkpoints to keep in --out-dir")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
+    g("--weight-decay", type=float, help="AdamW weight decay (never applied to norm weights)")
+    g("--beta2", type=float, help="AdamW beta2 (default per stage: 0.95 pre/mid-training, 0.999 SFT)")
+    g = p.add_argument_group("distillation (--stage midtrain)").add_argument
+    g("--teacher", help="distillation teacher (our checkpoint or Hugging Face folder; same vocabulary)")
+    g("--kd-temperature", type=float, default=1.0, help="distillation temperature (loss scaled by T^2)")
+    g("--kd-ce-weight", type=float, default=0.0, help="weight of plain cross-entropy added to the KD loss")
+    g = p.add_argument_group("run folder").add_argument
+    g("--out-dir", help="run folder for checkpoints, log.txt and metrics.jsonl")
+    g("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
+    g("--log-every", type=int, default=10, help="steps between log lines and metrics.jsonl records")
+    g("--eval-every", type=int, default=0, help="steps between held-out eval losses (0: only at the end)")
+    g("--eval-batches", type=int, default=8, help="micro-batches per device in each eval")
+    g("--save-every", type=int, default=1000, help="steps between checkpoints")
+    g("--keep-last", type=int, default=3, help="checkpoints to keep in --out-dir")
+    g = p.add_argument_group("performance").add_argument
+    g("--device", default="auto", help="auto, cuda, mps or cpu")
+    g("--batch-size", type=int, help="sequences per device per micro-step (gradient accumulation fills the rest)")
+    g("--compile", action="store_true", help="torch.compile the model")
+    g("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
     args = p.parse_args(argv)
     key = "sft-reasoning" if args.stage == "sft" and args.long_context else args.stage
     for name, value in STAGE_DEFAULTS[key].items():
@@ -166,6 +159,8 @@ def parse_args(argv):
                  "keep_last", "eval_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not (args.epochs is None or args.epochs > 0):
+        raise TrainError(f"--epochs must be positive, got {args.epochs:g}")
     return args
 
 
@@ -176,48 +171,6 @@ RESUMABLE = {"resume", "out_dir", "device", "compile", "activation_checkpointing
 
 # -------------------------------------------------------------------------------------------------
 # Devices, processes, logging
-
-class Runtime:
-    """Where this process runs: device, rank and world size (torchrun sets RANK / WORLD_SIZE)."""
-
-    def __init__(self, device="auto"):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        self.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if device == "cuda" and self.ddp:
-            device = f"cuda:{self.local_rank}"
-            torch.cuda.set_device(device)
-        if device.startswith("cuda"):
-            # The loss kernels multiply hidden states by the 128k-row embedding in float32: let that
-            # (and any other float32 matmul) use TF32 tensor cores.
-            torch.set_float32_matmul_precision("high")
-        self.device = torch.device(device)
-        if self.ddp and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-        self.master = self.rank == 0
-
-    def autocast(self):
-        # bf16 autocast on CUDA (weights and optimizer stay float32); float32 elsewhere.
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
-    def all_sum(self, tensor):
-        if self.ddp:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def gather(self, obj):
-        """A list with every rank's obj (rank order); [obj] without DDP."""
-        if not self.ddp:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
 
 class Logger:
     """Rank 0 prints (above the progress bar) and appends to out_dir/log.txt; other ranks stay quiet."""
@@ -239,13 +192,6 @@ STOP = {"signal": None}  # set by the signal handler, read at each step boundary
 
 def request_stop(signum, frame):
     STOP["signal"] = signum
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
 
 
 def lr_at(step, args):
@@ -279,27 +225,10 @@ def memory_estimate(model, args, device_type, teacher=None):
 # -------------------------------------------------------------------------------------------------
 # Checkpoints: run_dir/ckpt_{step:07d}.pt, written atomically, last K kept
 
-def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    torch.set_rng_state(state["torch"])
-    numpy = state["numpy"]
-    np.random.set_state((numpy[0], np.array(numpy[1], dtype=np.uint32), *numpy[2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def save_checkpoint(rt, args, model, optimizer, sampler, step):
     """Rank 0 writes the file, with every rank's RNG states. The sampler's state is the same on all
     ranks (each does the bookkeeping of the whole global stream), so rank 0's is enough."""
-    rngs = rt.gather(rng_state())
+    rngs = rt.rng_states()
     if not rt.master:
         return
     ckpt = {"model": model.state_dict(), "config": asdict(model.config), "optimizer": optimizer.state_dict(),
@@ -333,14 +262,8 @@ def build_model(args, rt, tokenizer):
         if meta["format"] == "ours" and init_tokenizer != tokenizer:
             raise TrainError(f"--init-from {args.init_from} was trained with tokenizer {init_tokenizer!r} but "
                              f"--data {args.data} uses {tokenizer!r}: prepare the data with the model's tokenizer")
-        # Reasoning SFT extends the context by multiplying rope theta by 8 (RECIPE section 4); the
-        # numbers come from ModelConfig.from_size. A model already at the long context (a released
-        # post-trained checkpoint, or our own reasoning SFT) is left as it is.
-        base, long = ModelConfig.from_size("140m"), ModelConfig.from_size("140m", long_context=True)
-        if args.long_context and model.config.max_seq_len < long.max_seq_len:
-            config = ModelConfig(**dict(asdict(model.config), max_seq_len=long.max_seq_len,
-                                        rope_theta=model.config.rope_theta * long.rope_theta / base.rope_theta))
-            extended = MobileLLM(config)
+        if args.long_context and model.config.long_context() != model.config:
+            extended = MobileLLM(model.config.long_context())  # theta x 8, 32k (RECIPE section 4)
             extended.load_state_dict(model.state_dict())  # rope tables are buffers outside the state dict
             model = extended
     if args.seq_len > model.config.max_seq_len:
@@ -353,7 +276,7 @@ def build_model(args, rt, tokenizer):
 
 def load_teacher(args, rt, student):
     # Inference only: bf16 on CUDA, read straight into that dtype on the device (an 8B Llama-3.1 teacher,
-    # RECIPE section 4, takes its 16 GB once), no grads, kept out of the optimizer, DDP and the checkpoint.
+    # RECIPE section 4.5, takes its 16 GB once), no grads, kept out of the optimizer, DDP and the checkpoint.
     dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
     teacher, _, meta = load_model(args.teacher, rt.device, dtype)
     if teacher.config.vocab_size != student.config.vocab_size:
@@ -372,14 +295,15 @@ def load_teacher(args, rt, student):
     return teacher
 
 
-class TrainLoss(nn.Module):
-    """What DDP wraps: one micro-batch in, its summed loss out (mean taken over the global count of
-    supervised tokens by the caller). Without a teacher: cross-entropy. With one (mid-training,
-    RECIPE section 4): KL(teacher || student) at every supervised position, computed chunk by chunk,
-    plus kd_ce_weight x cross-entropy. The paper publishes neither the temperature nor any CE mixing:
-    defaults T = 1 and pure distillation, as the official README describes."""
+class DistillationLoss(nn.Module):
+    """Mid-training's loss (RECIPE section 4): KL(teacher || student) over the vocabulary at every
+    supervised position, computed chunk by chunk (kernels.distill_loss), plus kd_ce_weight x
+    cross-entropy. The paper publishes neither the temperature nor any CE mixing: defaults T = 1
+    and pure distillation, as the official README describes. Returns the summed (loss, ce, kd) of
+    one micro-batch; the caller divides by the global count of supervised tokens. This module is
+    what DDP wraps when there is a teacher (without one, DDP wraps the model itself)."""
 
-    def __init__(self, model, teacher=None, temperature=1.0, ce_weight=0.0):
+    def __init__(self, model, teacher, temperature=1.0, ce_weight=0.0):
         super().__init__()
         self.model = model
         self.teacher = [teacher]  # in a list: not a submodule, so not in parameters() or state_dict()
@@ -387,9 +311,6 @@ class TrainLoss(nn.Module):
 
     def forward(self, x, y, doc_ids=None):
         teacher = self.teacher[0]
-        if teacher is None:
-            _, loss = self.model(x, y, doc_ids=doc_ids, return_logits=False, loss_reduction="sum")
-            return loss, loss.detach(), torch.zeros_like(loss)
         h = self.model.forward_hidden(x, doc_ids)
         w = self.model.lm_head_weight
         with torch.no_grad():
@@ -400,6 +321,14 @@ class TrainLoss(nn.Module):
             ce = kernels.linear_cross_entropy(h, w, y, reduction="sum")  # logged even when not trained on
         loss = kd + self.ce_weight * ce if self.ce_weight else kd
         return loss, ce.detach(), kd.detach()
+
+
+def micro_step_loss(runner, x, y, doc_ids, distilling):
+    """Summed loss of one micro-batch and its (ce, kd) parts for the log (kd is 0 without a teacher)."""
+    if distilling:
+        return runner(x, y, doc_ids)
+    _, loss = runner(x, y, doc_ids=doc_ids, return_logits=False, loss_reduction="sum")
+    return loss, loss.detach(), torch.zeros_like(loss.detach())
 
 
 def to_device(batch, device):
@@ -440,8 +369,9 @@ def log_header(log, args, rt, model, teacher, accum, step):
         + " + ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.items()) + f" = {sum(mem.values()) / 2**30:.2f} GiB")
 
 
-def train(args, rt):
-    """Run one stage as the args describe; returns the last metrics record, with "stopped" added."""
+def setup_run(args, rt):
+    """Everything a stage needs before its first step, from scratch or from the run's checkpoint:
+    a namespace with samplers, model, teacher, optimizer, the module DDP wraps, step and logger."""
     out_dir = Path(args.out_dir)
     accum, rem = divmod(args.total_batch_tokens, args.batch_size * args.seq_len * rt.world_size)
     if rem or accum == 0:
@@ -449,13 +379,13 @@ def train(args, rt):
                          f"{args.batch_size} x --seq-len {args.seq_len} x {rt.world_size} processes: "
                          "pick values that divide it")
     sampler = data.MixtureSampler(args.data, args.mixture, args.seq_len, args.batch_size, rank=rt.rank,
-                                  world_size=rt.world_size, seed=args.seed, renormalize=args.renormalize)
+                                  world_size=rt.world_size, seed=args.seed, renormalize=args.renormalize,
+                                  epochs=args.epochs if args.max_steps is None else None, sft_loss=args.sft_loss)
     eval_sampler = data.MixtureSampler(args.eval_data or args.data, args.eval_mixture or args.mixture,
                                        args.seq_len, args.batch_size, rank=rt.rank, world_size=rt.world_size,
                                        seed=args.seed + EVAL_SEED_OFFSET, renormalize=args.renormalize)
-    eval_start = eval_sampler.state_dict()
-    if args.max_steps is None:  # SFT: steps from --epochs over the data (RECIPE section 4: 2 or 4 epochs)
-        args.max_steps = max(1, math.ceil(args.epochs * sampler.total_tokens() / args.total_batch_tokens))
+    if args.max_steps is None:  # SFT: --epochs of every source, in packed rows (RECIPE section 4.1: 2 or 4)
+        args.max_steps = math.ceil(sum(sampler.epoch_rows) * args.seq_len / args.total_batch_tokens)
     ckpt = None
     if args.resume:
         if latest_checkpoint(out_dir) is None:
@@ -467,7 +397,6 @@ def train(args, rt):
                          "--out-dir (or delete it)")
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
-    log = Logger(rt, out_dir)
 
     if ckpt is not None:
         model = model_from_checkpoint(ckpt, latest_checkpoint(out_dir))
@@ -479,14 +408,14 @@ def train(args, rt):
         raise TrainError(f"--data {args.data} uses tokenizer {sampler.tokenizer!r} ({sampler.vocab_size} tokens), "
                          f"the model has {model.config.vocab_size}: prepare the data with the model's tokenizer")
     teacher = load_teacher(args, rt, model) if args.teacher else None
-    optimizer = model.configure_optimizer(args.lr, args.weight_decay, BETAS, EPS, rt.device.type)
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay, (BETA1, args.beta2), EPS, rt.device.type)
     step = 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
         # The global row stream does not depend on the number of processes, so a run may resume on
         # another number (bit-exactness then only up to summation order); RNG states are per rank.
-        set_rng_state(ckpt["rng"][rt.rank if len(ckpt["rng"]) == rt.world_size else 0])
+        rt.set_rng_states(ckpt["rng"])
         step = ckpt["step"]
         if rt.master:  # forget log records past the checkpoint: they are about to be redone
             metrics = out_dir / "metrics.jsonl"
@@ -495,104 +424,119 @@ def train(args, rt):
                 metrics.write_text("".join(l + "\n" for l in keep))
         del ckpt
 
-    runner = TrainLoss(model, teacher, args.kd_temperature, args.kd_ce_weight)
+    runner = DistillationLoss(model, teacher, args.kd_temperature, args.kd_ce_weight) if teacher else model
     if args.compile:
         runner = torch.compile(runner)
     if rt.ddp:
         runner = DDP(runner, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-
+    log = Logger(rt, out_dir)
     log_header(log, args, rt, model, teacher, accum, step)
-    tokens_per_step = args.total_batch_tokens
-    flops_per_step = model.estimate_flops_per_token(args.seq_len) * tokens_per_step
-    peak = peak_flops(rt.device)
-    bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master or None, dynamic_ncols=True)
-    log.bar = bar
-    record, t0, dt_avg = {}, time.time(), None
-    while step < args.max_steps:
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches = [sampler.next_batch() for _ in range(accum)]
-        # The loss is a mean over every supervised token of the global batch, whatever the split of
-        # rows over micro-steps and ranks: count them all first (torchtitan does the same).
-        n_sup = rt.all_sum(torch.tensor(float(sum((b[1] != -100).sum() for b in batches)), device=rt.device))
-        n_sup = n_sup.clamp(min=1)
-        scale = rt.world_size / n_sup  # DDP averages gradients over ranks: undo it
-        parts = torch.zeros(4, device=rt.device)  # loss, ce, kd sums; stop request
-        for i, batch in enumerate(batches):
-            x, y, doc_ids = to_device(batch, rt.device)
-            sync = not rt.ddp or i == accum - 1  # reduce gradients once per step, not per micro-step
-            with nullcontext() if sync else runner.no_sync():
-                with rt.autocast():
-                    loss, ce, kd = runner(x, y, doc_ids)
-                (loss * scale).backward()
-            parts[:3] += torch.stack([loss.detach().float(), ce.float(), kd.float()])
-        parts[3] = float(STOP["signal"] is not None)
-        parts = rt.all_sum(parts)
-        train_loss = (parts[0] / n_sup).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP).item()
-        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
-            raise Diverged(f"loss {train_loss} / grad norm {grad_norm} at step {step + 1}, before the optimizer "
-                           f"step; the last good checkpoint is {latest_checkpoint(out_dir)}: lower --lr and "
-                           "start again from it (--init-from) or resume")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    if sampler.epoch_rows:  # --epochs: the packed rows that serve every source E times, and the steps they take
+        log(f"--epochs {args.epochs:g}: {sum(sampler.epoch_rows):,} rows in {args.max_steps:,} steps; rows per source: "
+            + ", ".join(f"{name} {rows:,}" for name, rows in zip(sampler.names, sampler.epoch_rows)))
+    return SimpleNamespace(sampler=sampler, eval_sampler=eval_sampler, eval_start=eval_sampler.state_dict(),
+                           model=model, teacher=teacher, optimizer=optimizer, runner=runner, accum=accum,
+                           step=step, log=log, out_dir=out_dir)
 
+
+def train_step(run, args, rt, lr):
+    """One optimizer step over accum micro-batches; returns (loss, ce, kd, supervised tokens, grad norm)."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    batches = [run.sampler.next_batch() for _ in range(run.accum)]
+    # The loss is a mean over every supervised token of the global batch, whatever the split of
+    # rows over micro-steps and ranks: count them all first (torchtitan does the same).
+    n_sup = rt.all_sum(torch.tensor(float(sum((b[1] != -100).sum() for b in batches)), device=rt.device))
+    n_sup = n_sup.clamp(min=1)
+    scale = rt.world_size / n_sup  # DDP averages gradients over ranks: undo it
+    sums = torch.zeros(3, device=rt.device)  # loss, ce, kd
+    for i, batch in enumerate(batches):
+        x, y, doc_ids = to_device(batch, rt.device)
+        sync = not rt.ddp or i == run.accum - 1  # reduce gradients once per step, not per micro-step
+        with nullcontext() if sync else run.runner.no_sync():
+            with rt.autocast():
+                loss, ce, kd = micro_step_loss(run.runner, x, y, doc_ids, run.teacher is not None)
+            (loss * scale).backward()
+        sums += torch.stack([loss.detach().float(), ce.float(), kd.float()])
+    loss, ce, kd = (rt.all_sum(sums) / n_sup).tolist()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), GRAD_CLIP).item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise Diverged(f"loss {loss} / grad norm {grad_norm} at step {run.step + 1}, before the optimizer "
+                       f"step; the last good checkpoint is {latest_checkpoint(run.out_dir)}: lower --lr and "
+                       "start again from it (--init-from) or resume")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return loss, ce, kd, int(n_sup.item()), grad_norm
+
+
+def log_step(run, args, rt, metrics, lr, dt, eta):
+    """One log line and one metrics.jsonl record, with the held-out eval loss when it is due."""
+    loss, ce, kd, n_sup, grad_norm = metrics
+    tok_s = args.total_batch_tokens / dt
+    peak = peak_flops(rt.device)
+    flops = run.model.estimate_flops_per_token(args.seq_len) * args.total_batch_tokens
+    mfu = f"{flops / dt / rt.world_size / peak:.1%}" if peak else "n/a"
+    epochs = {k: round(float(v), 6) for k, v in run.sampler.epochs().items()}
+    record = {"step": run.step, "loss": loss, "lr": lr, "tokens": run.step * args.total_batch_tokens,
+              "supervised_tokens": n_sup, "grad_norm": grad_norm, "dt": dt, "tok_per_s": tok_s, "mfu": mfu,
+              "served": run.sampler.served, "epochs": epochs}
+    if run.teacher is not None:
+        record.update(kd=kd, ce=ce)
+    if run.step == args.max_steps or (args.eval_every and run.step % args.eval_every == 0):
+        record["eval_loss"] = eval_loss(rt, run.model, run.eval_sampler, run.eval_start, args.eval_batches)
+    run.log(f"step {run.step}/{args.max_steps} | loss {loss:.4f}"
+            + (f" (kd {kd:.4f} ce {ce:.4f})" if run.teacher is not None else "")
+            + (f" | eval {record['eval_loss']:.4f}" if "eval_loss" in record else "")
+            + f" | lr {lr:.2e} | norm {grad_norm:.2f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s | mfu {mfu}"
+            + " | epochs " + " ".join(f"{k}:{v:.3g}" for k, v in epochs.items())
+            + f" | eta {eta / 60:.1f} min")
+    if rt.master:
+        with open(run.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
+
+
+def stop_requested(rt):
+    """Ctrl-C / SIGTERM seen on any rank (all ranks must stop at the same step)."""
+    return rt.all_sum(torch.tensor(float(STOP["signal"] is not None), device=rt.device)).item() > 0
+
+
+def train(args, rt):
+    """Run one stage as the args describe; returns the last metrics record, with "stopped" added."""
+    run = setup_run(args, rt)
+    bar = tqdm(total=args.max_steps, initial=run.step, disable=not rt.master or None, dynamic_ncols=True)
+    run.log.bar = bar
+    record, t0, dt_avg = {}, time.time(), None
+    while run.step < args.max_steps:
+        lr = lr_at(run.step, args)
+        metrics = train_step(run, args, rt, lr)
         dt, t0 = time.time() - t0, time.time()
         dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
-        tok_s = tokens_per_step / dt
-        mfu = f"{flops_per_step / dt / rt.world_size / peak:.1%}" if peak else "n/a"
-        bar.set_postfix_str(f"loss {train_loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {mfu}", refresh=False)
+        bar.set_postfix_str(f"loss {metrics[0]:.4f} lr {lr:.2e} {args.total_batch_tokens / dt:,.0f} tok/s",
+                            refresh=False)
         bar.update(1)
-        last = step == args.max_steps
-        do_eval = last or (args.eval_every and step % args.eval_every == 0)
-        if step % args.log_every == 0 or last or do_eval:
-            epochs = {k: round(float(v), 6) for k, v in sampler.epochs().items()}
-            record = {"step": step, "loss": train_loss, "lr": lr, "tokens": step * tokens_per_step,
-                      "supervised_tokens": int(n_sup.item()), "grad_norm": grad_norm, "dt": dt,
-                      "tok_per_s": tok_s, "mfu": mfu, "served": sampler.served, "epochs": epochs}
-            if teacher is not None:
-                record.update(kd=(parts[2] / n_sup).item(), ce=(parts[1] / n_sup).item())
-            if do_eval:
-                record["eval_loss"] = eval_loss(rt, model, eval_sampler, eval_start, args.eval_batches)
-            eta = dt_avg * (args.max_steps - step)
-            log(f"step {step}/{args.max_steps} | loss {train_loss:.4f}"
-                + (f" (kd {record['kd']:.4f} ce {record['ce']:.4f})" if teacher is not None else "")
-                + (f" | eval {record['eval_loss']:.4f}" if do_eval else "")
-                + f" | lr {lr:.2e} | norm {grad_norm:.2f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s | mfu {mfu}"
-                + " | epochs " + " ".join(f"{k}:{v:.3g}" for k, v in epochs.items())
-                + f" | eta {eta / 60:.1f} min")
-            if rt.master:
-                with open(out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-        stop = parts[3].item() > 0
-        if last or stop or step % args.save_every == 0:
-            save_checkpoint(rt, args, model, optimizer, sampler, step)
+        last = run.step == args.max_steps
+        if last or run.step % args.log_every == 0 or (args.eval_every and run.step % args.eval_every == 0):
+            record = log_step(run, args, rt, metrics, lr, dt, dt_avg * (args.max_steps - run.step))
+        stop = stop_requested(rt)
+        if last or stop or run.step % args.save_every == 0:
+            save_checkpoint(rt, args, run.model, run.optimizer, run.sampler, run.step)
         if stop:
-            log(f"stopped by signal at step {step}; checkpoint saved: continue with the same command + --resume")
+            run.log(f"stopped by signal at step {run.step}; checkpoint saved: continue with the same command + --resume")
             break
     bar.close()
-    log.bar = None
-    return dict(record, stopped=step < args.max_steps)
+    run.log.bar = None
+    return dict(record, stopped=run.step < args.max_steps)
 
 
 # -------------------------------------------------------------------------------------------------
 # The embedded default and the entry point
 
-def toy_flags(stage, **extra):
-    """Command-line flags for one stage of the toy run (TOY_DEFAULTS)."""
-    settings = dict(TOY_DEFAULTS[stage], data=TOY_DEFAULTS["data"], **extra)
-    flags = []
-    for k, v in settings.items():
-        flags += [f"--{k.replace('_', '-')}", str(v)]
-    return flags
-
-
 def run_toy(rt):
     """`python train.py`: toy data, pre-training, SFT, then held-out accuracy via sample.py."""
     t_start = time.time()
-    data_dir, out = Path(TOY_DEFAULTS["data"]), Path(TOY_DEFAULTS["out_dir"])
+    data_dir, out = Path(toydata.TOY_RUN["data"]), Path(toydata.TOY_RUN["out_dir"])
     if latest_checkpoint(out) or latest_checkpoint(out / "pretrain"):
         raise TrainError(f"{out} holds an earlier toy run: try it with `python sample.py`, or delete it "
                          f"(rm -r {out}) to train again")
@@ -603,7 +547,7 @@ def run_toy(rt):
     stages = [("pretrain", dict(out_dir=out / "pretrain")),
               ("sft", dict(out_dir=out, init_from=out / "pretrain"))]
     for stage, extra in stages:
-        flags = toy_flags(stage, **extra)
+        flags = toydata.toy_flags(stage, **extra)
         if rt.master:
             print(f"\n== python train.py {' '.join(flags)}")
         if train(parse_args(flags), rt)["stopped"]:
@@ -612,8 +556,8 @@ def run_toy(rt):
         return
     print(f"\ntoy training done in {(time.time() - t_start) / 60:.1f} min; model in {out}/")
     # Scored exactly as `python sample.py --eval N` scores it: greedy, last \boxed{} (RECIPE section 6).
-    flags = ["--ckpt", out, "--eval", TOY_DEFAULTS["eval_problems"], "--eval-file", data_dir / "eval.jsonl",
-             "--max-new-tokens", TOY_DEFAULTS["max_new_tokens"], "--device", str(rt.device)]
+    flags = ["--ckpt", out, "--eval", toydata.TOY_RUN["eval_problems"], "--eval-file", data_dir / "eval.jsonl",
+             "--max-new-tokens", toydata.TOY_RUN["max_new_tokens"], "--device", str(rt.device)]
     print(f"== python sample.py {' '.join(map(str, flags))}")
     sample.main([str(f) for f in flags])
 
@@ -634,7 +578,7 @@ def main(argv=None):
             # every rank done (rank 0 may still be writing the last checkpoint) before the process group
             # goes: a rank tearing gloo down while its peer is mid-collective can abort (SIGABRT)
             dist.barrier()
-    except (ModelError, data.DataError, TokenizerError, TrainError) as e:
+    except (ModelError, data.DataError, TokenizerError, DeviceError, TrainError) as e:
         if int(os.environ.get("RANK", 0)) == 0:  # every rank fails alike: say it once
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -118,6 +118,25 @@ def test_prepare_chat(tmp_path):
         assert tokens.tolist() == ids and stored_mask.astype(bool).tolist() == mask
 
 
+def test_prepare_finds_the_document_field(tmp_path):
+    """No --field: text, content, raw_content (the official loader's order), then messages."""
+    enc = tokenizer.get_tokenizer("toy")
+    cases = [("starcoder", {"content": "def f(): pass", "max_stars_count": 3}, "content"),
+             ("redpajama", {"raw_content": "a web page", "meta": {}}, "raw_content"),
+             ("both", {"raw_content": "raw", "content": "used", "id": 1}, "content"),
+             ("all", {"messages": "ignored", "raw_content": "raw", "text": "used"}, "text"),
+             ("chat", {"messages": CONVERSATION, "id": 7}, "messages")]
+    for source, record, field in cases:
+        meta = data.prepare(source, [write_jsonl(tmp_path / f"{source}.jsonl", [record])], str(tmp_path), "toy")
+        assert meta["field"] == field, source
+        tokens, _ = data.Source(str(tmp_path / source)).doc(0)
+        expected = tokenizer.render_chat(record[field], enc)[0] if field == "messages" else \
+            [tokenizer.bos_id(enc)] + enc.encode_ordinary(record[field])
+        assert tokens.tolist() == expected, source
+    with pytest.raises(DataError, match="no field 'text'; pick the document field with --field"):
+        data.prepare("none", [write_jsonl(tmp_path / "none.jsonl", [{"body": "x"}])], str(tmp_path), "toy")
+
+
 def test_prepare_bad_inputs(tmp_path):
     out = str(tmp_path / "out")
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}] * 3)
@@ -249,7 +268,7 @@ def test_text_rows_are_the_permuted_concatenation(mixdir):
         assert doc_ids is None and (y >= 0).all()
         stream += full_rows(x, y).flatten().tolist()
     for epoch in range(2):
-        perm, _ = sampler._epoch(0, epoch)
+        perm = sampler._epoch(0, epoch)[0]
         expected = np.concatenate([src.doc(d)[0] for d in perm]).tolist()
         assert stream[epoch * src.n_tokens:(epoch + 1) * src.n_tokens] == expected
     assert sampler._epoch(0, 0)[0].tolist() != sampler._epoch(0, 1)[0].tolist()  # reshuffled each epoch
@@ -294,12 +313,89 @@ def test_chat_loss_mask_on_assistant_tokens(mixdir):
         assert set(text.replace("<|eot_id|>", "")) == {"7"} and text.endswith("<|eot_id|>")
 
 
+@pytest.fixture(scope="module")
+def sftdir(tmp_path_factory):
+    """Two chat sources of uneven conversation lengths (25 to ~175 tokens: two to a 64-token row, or one
+    cropped), of different sizes, and a text source."""
+    root = tmp_path_factory.mktemp("sft")
+    rng = random.Random(1)
+    for name, n in (("chat-a", 70), ("chat-b", 25)):
+        convs = [{"messages": [{"role": "user", "content": "q" * rng.randint(0, 3)},
+                               {"role": "assistant", "content": "7" * rng.choice([1, 3, 8, 20, 60, 150])}]}
+                 for _ in range(n)]
+        data.prepare(name, [write_jsonl(root / f"{name}.jsonl", convs)], str(root / "data"), "toy", workers=1)
+    data.prepare("text", [write_jsonl(root / "text.jsonl", [{"text": "abc" * 40}] * 5)], str(root / "data"), "toy")
+    return str(root / "data")
+
+
+def replayed_rows(data_dir, name, seq_len, epochs):
+    """Rows a sampler of one chat source serves until it has served `epochs` whole epochs (the slow way)."""
+    sampler = data.MixtureSampler(data_dir, f"{name}=1", seq_len, 1)
+    while sampler.chat_pos[0] != [epochs, 0]:
+        sampler.skip_rows(1)
+    return sampler.row
+
+
+def test_epochs_serve_every_source_exactly_that_many_times(sftdir):
+    lengths = {n: data.Source(os.path.join(sftdir, n)).docs[:, 2] for n in ("chat-a", "chat-b")}
+    assert lengths["chat-a"].min() <= 32 and lengths["chat-a"].max() > 2 * 65  # two to a row, or one cropped
+    sampler = data.MixtureSampler(sftdir, "chat-a=1,chat-b=5,text=1", seq_len=64, batch_size=1, epochs=2)
+    rows = dict(zip(sampler.names, sampler.epoch_rows))
+    for name in ("chat-a", "chat-b"):  # each epoch packs another order: counted exactly, not from token counts
+        assert rows[name] == replayed_rows(sftdir, name, 64, 2)
+        assert abs(rows[name] / (2 * lengths[name].sum() / 65) - 1) > 0.05  # what unique tokens / row size say
+    assert rows["text"] == -(-2 * sampler.sources[2].n_tokens // 65)
+    # the given weights (1, 5, 1) give way to each source's share of the rows: all reach 2 epochs together
+    assert sampler.mixture == pytest.approx({n: r / sum(rows.values()) for n, r in rows.items()})
+    half = sum(rows.values()) // 2
+    sampler.skip_rows(half)
+    assert all(abs(e - 1) < 0.08 for e in sampler.epochs().values()), sampler.epochs()
+    sampler.skip_rows(sum(rows.values()) - half)
+    assert sampler.epochs()["chat-a"] == sampler.epochs()["chat-b"] == 2.0
+    assert 2.0 <= sampler.epochs()["text"] < 2.0 + 65 / sampler.sources[2].n_tokens
+    assert dict(zip(sampler.names, sampler.rows.tolist())) == rows
+    # a fraction of an epoch: the rows until that share of the source's tokens is served
+    part = data.MixtureSampler(sftdir, "chat-a=1", seq_len=64, batch_size=1, epochs=1.3)
+    part.skip_rows(part.epoch_rows[0] - 1)
+    assert part.epochs()["chat-a"] < 1.3
+    part.skip_rows(1)
+    assert 1.3 <= part.epochs()["chat-a"] < 1.3 + 3 * 65 / part.sources[0].n_tokens
+
+
+def test_sft_loss_all_supervises_every_conversation_token_but_its_first(sftdir):
+    enc = tokenizer.get_tokenizer("toy")
+    bos, pad = tokenizer.bos_id(enc), tokenizer.pad_id(enc)
+    ours = data.MixtureSampler(sftdir, "chat-a=1", seq_len=64, batch_size=16)
+    official = data.MixtureSampler(sftdir, "chat-a=1", seq_len=64, batch_size=16, sft_loss="all")
+    for _ in range(3):
+        (x, y, doc_ids), (x2, y2, doc_ids2) = ours.next_batch(), official.next_batch()
+        assert torch.equal(x, x2) and torch.equal(doc_ids, doc_ids2)  # the same rows, packed alike
+        targets, y2 = x[:, 1:], y2[:, :-1]  # the targets but the last, whose token x does not show
+        assert doc_ids.max() > 0  # rows holding several conversations
+        # every target but padding and each conversation's BOS (which nothing predicts in a row of its own)
+        assert torch.equal(y2 == -100, (targets == pad) | (targets == bos))
+        assert torch.equal(y2[y2 != -100], targets[y2 != -100])
+        y = y[:, :-1]
+        assert ((y != -100) & (y2 == -100)).sum() == 0 and (y2 != -100).sum() > 1.5 * (y != -100).sum()
+
+
 def test_presets_and_bad_mixtures(mixdir, tmp_path, capsys):
     assert sum(data.PRESETS["pretrain-phase1"].values()) == pytest.approx(100, abs=0.02)
     assert len(data.PRESETS["pretrain-phase1"]) == 7 and len(data.PRESETS["pretrain-phase2"]) == 14
     assert "benchmark-train-sets" not in data.PRESETS["midtrain-phase1"]
     assert data.PRESETS["midtrain-phase2"]["benchmark-train-sets"] == 0.97
     assert all(name == name.lower() and " " not in name for name in data.MIXTURE_TABLE)
+    # one name per corpus: RedPajama's StackExchange is not Dolmino's, the Nemotron SFT files are not Nemotron's code
+    pretrain = set(data.PRESETS["pretrain-phase1"]) | set(data.PRESETS["pretrain-phase2"])
+    midtrain = set(data.PRESETS["midtrain-phase1"]) | set(data.PRESETS["midtrain-phase2"])
+    assert pretrain & midtrain == {"starcoder", "wiki"}  # the same dataset in both stages
+    assert "RedPajama" in data.MIXTURE_TABLE["redpajama-stackexchange"][0]
+    assert "dolmino" in data.MIXTURE_TABLE["dolmino-stackexchange"][0]
+    assert "Llama-Nemotron-Post-Training" in data.MIXTURE_TABLE["nemotron-sft-code"][0]
+    assert data.MIXTURE_TABLE["nemotron-pretraining-code"][0] == "nvidia/Nemotron-Pretraining-Code-v1"
+    assert data.PRESETS["general-sft"] == {"tulu-3-sft-olmo-2": 866e3}
+    reasoning = data.PRESETS["reasoning-sft"]
+    assert sorted(reasoning.values()) == [803e3, 2.16e6, 3.2e6]
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "trace"}] * 4)
     data.prepare("toy-traces", [path], str(tmp_path), "toy")
     with pytest.raises(DataError, match="not prepared in .*: toy-facts"):
@@ -386,6 +482,23 @@ def test_cli_mix_json(mixdir):
     report = json.loads(r.stdout)
     assert set(report) == {"short", "long"} and set(report["short"]) == {"tokens", "share", "weight", "epochs"}
     assert report["short"]["tokens"] == 750 * 8 and report["long"]["weight"] == 0.25
+
+
+def test_cli_mix_lists_what_a_preset_needs(sftdir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        data.main(["mix", "--data", str(tmp_path), "--mixture", "reasoning-sft"])
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and err.count("\n") == 1 and "not prepared" in err
+    lines = out.splitlines()
+    assert len(lines) == 3 and all("missing" in line for line in lines)
+    assert "nvidia/OpenMathReasoning" in lines[0] and "51.92%" in lines[0]  # 3.2M of 6.163M samples
+    chat = write_jsonl(tmp_path / "tulu.jsonl", [{"messages": CONVERSATION}] * 3)
+    data.prepare("tulu-3-sft-olmo-2", [chat], str(tmp_path), "toy")
+    capsys.readouterr()
+    data.main(["mix", "--data", str(tmp_path), "--mixture", "general-sft", "--rows", "10", "--seq-len", "64"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["tulu-3-sft-olmo-2", "100.00%", "prepared", "allenai/tulu-3-sft-olmo-2-mixture-0225"]
+    assert lines[2].split()[:2] == ["tulu-3-sft-olmo-2", f"{10 * 65:,}"]  # then what 10 rows serve
 
 
 @pytest.mark.parametrize("case", ["missing", "no-field", "truncated", "bad-weight", "other-tokenizer"])

@@ -232,7 +232,7 @@ def test_packed_documents_do_not_see_each_other():
 
 
 # -------------------------------------------------------------------------------------------------
-# Llama 3.x (LlamaForCausalLM), the mid-training teacher (RECIPE section 4): rotate-half RoPE, no QK-norm,
+# Llama 3.x (LlamaForCausalLM), the mid-training teacher (RECIPE section 4.5): rotate-half RoPE, no QK-norm,
 # "llama3" rope scaling, untied head; the same MobileLLM class with three config switches.
 
 def llama_reference(n_layer, d_model, n_head, n_kv_head, head_dim, ffn_dim, theta, scaling, tie, vocab=256,
@@ -420,7 +420,7 @@ def test_export_works_in_transformers_and_round_trips(name, vocab_size, tmp_path
 
 
 def test_llama_3_1_8b_instruct_config_is_the_teacher(tmp_path):
-    """The mid-training teacher's config.json as published (transformers 4 layout, RECIPE section 4) maps to
+    """The mid-training teacher's config.json as published (transformers 4 layout, RECIPE section 4.5) maps to
     rotate-half RoPE, no QK-norm, llama3 scaling and an untied head; 8.03B parameters on the meta device."""
     import hf
     published = {

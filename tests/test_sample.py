@@ -214,7 +214,7 @@ def test_no_checkpoint_says_how_to_make_one(tmp_path):
 
 
 def test_llama_folder_chats_and_evaluates(tmp_path, capsys, monkeypatch):
-    """--hf a Llama-3 LlamaForCausalLM folder (the mid-training teacher's architecture, RECIPE section 4, with
+    """--hf a Llama-3 LlamaForCausalLM folder (the mid-training teacher's architecture, RECIPE section 4.5, with
     its tokenizer.json): the same greedy tokens as transformers, a chat, and a scored eval file."""
     transformers = pytest.importorskip("transformers")
     rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

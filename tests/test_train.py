@@ -91,8 +91,10 @@ def test_lr_schedule_warmup_and_decay_shapes():
 def test_stage_defaults_follow_the_recipe():
     args = train.parse_args(["--stage", "sft", "--long-context", "--data", "d", "--out-dir", "o", "--init-from", "x"])
     assert (args.lr, args.warmup_steps, args.min_lr_ratio, args.weight_decay, args.seq_len) == (8e-5, 0.1, 0, 0, 32768)
+    assert (args.beta2, args.epochs, args.max_steps, args.sft_loss) == (0.999, 4, None, "assistant")
     args = train.parse_args(["--stage", "pretrain", "--size", "140m", "--data", "d", "--out-dir", "o", "--lr", "1e-3"])
     assert (args.lr, args.warmup_steps, args.min_lr_ratio, args.weight_decay) == (1e-3, 2000, 0.1, 0.1)
+    assert args.beta2 == 0.95
     assert args.total_batch_tokens == 4 * 2**20  # 128 GPUs x 16 x 2048
 
 
@@ -174,14 +176,14 @@ def test_sigint_saves_at_step_boundary_and_resume_matches(corpus, tmp_path):
 
 def test_nonfinite_loss_stops_before_the_step_and_keeps_the_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    forward = train.TrainLoss.forward
+    step_loss = train.micro_step_loss
 
-    def poisoned(self, x, y, doc_ids=None):
+    def poisoned(*args):
         calls["n"] += 1
-        loss, ce, kd = forward(self, x, y, doc_ids)
+        loss, ce, kd = step_loss(*args)
         return (loss * float("nan"), ce, kd) if calls["n"] > 4 else (loss, ce, kd)  # 2 micro-steps per step
 
-    monkeypatch.setattr(train.TrainLoss, "forward", poisoned)
+    monkeypatch.setattr(train, "micro_step_loss", poisoned)
     assert pretrain(corpus, tmp_path, "--max-steps", 5, "--save-every", 2) == 1
     err = capsys.readouterr().err
     assert "non-finite" in err or "nan" in err
@@ -214,12 +216,73 @@ def test_sft_trains_on_assistant_tokens_with_document_masks(corpus, tmp_path, mo
     assert meta["config"]["rope_theta"] == 8 * base.rope_theta  # reasoning SFT: theta x 8
 
 
-def test_sft_epochs_set_the_number_of_steps(corpus, tmp_path):
-    chat_tokens = data.MixtureSampler(str(corpus), "arith-chat=1", 64, 2).total_tokens()
-    assert run(*TINY, "--stage", "sft", "--data", corpus, "--mixture", "arith-chat=1", "--epochs", 0.03,
-               "--out-dir", tmp_path) == 0
-    steps = metrics(tmp_path)[-1]["step"]
-    assert steps == -(-0.03 * chat_tokens // 256) and steps >= 2
+def test_checkpoint_optimizer_carries_the_stage_betas(corpus, tmp_path):
+    """AdamW betas as the official scripts run them (0.9, 0.95) pre/mid-training, (0.9, 0.999) SFT; --beta2 wins."""
+    sft = ["--stage", "sft", "--mixture", "arith-chat=1"]
+    for name, flags, betas in [("pt", ["--mixture", "arith=1"], (0.9, 0.95)), ("sft", sft, (0.9, 0.999)),
+                               ("sft-98", [*sft, "--beta2", "0.98"], (0.9, 0.98))]:
+        assert run(*TINY, "--data", corpus, "--max-steps", 1, *flags, "--out-dir", tmp_path / name) == 0
+        groups = torch.load(train.latest_checkpoint(tmp_path / name), weights_only=True)["optimizer"]["param_groups"]
+        assert len(groups) == 2 and all(tuple(g["betas"]) == betas for g in groups), name
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """Two chat sources of uneven conversations (25 to ~175 tokens: two to a 64-token row, or one cropped)."""
+    root = tmp_path_factory.mktemp("uneven")
+    rng = random.Random(2)
+    for name, n in (("long-tail", 24), ("small", 9)):
+        write_jsonl(root / f"{name}.jsonl", [{"messages": [
+            {"role": "user", "content": "1+1" * rng.randint(0, 2)},
+            {"role": "assistant", "content": "2" * rng.choice([1, 3, 8, 20, 60, 150])}]} for _ in range(n)])
+        data.prepare(name, [str(root / f"{name}.jsonl")], str(root / "data"), tokenizer="toy", workers=1)
+    return root / "data"
+
+
+def rows_of_two_epochs(data_dir, name):
+    """Rows of 64 tokens that two epochs of one chat source take, replayed row by row."""
+    sampler = data.MixtureSampler(str(data_dir), f"{name}=1", 64, 1)
+    while sampler.chat_pos[0] != [2, 0]:
+        sampler.skip_rows(1)
+    return sampler.row
+
+
+def test_sft_epochs_serve_every_source_that_many_times(uneven, tmp_path):
+    """--epochs 2: two passes over each source however its conversations pack, both sources together; the
+    schedule's length is those rows' steps (warmup and decay follow it)."""
+    rows = rows_of_two_epochs(uneven, "long-tail") + rows_of_two_epochs(uneven, "small")
+    unique = sum(data.Source(str(uneven / n)).n_tokens for n in ("long-tail", "small"))
+    assert abs(rows / (2 * unique / 64) - 1) > 0.1  # steps from unique tokens would be far off
+    sft = [*TINY, "--stage", "sft", "--data", uneven, "--mixture", "long-tail=1,small=1", "--epochs", 2,
+           "--log-every", 1000]
+    assert run(*sft, "--batch-size", 1, "--total-batch-tokens", 64, "--out-dir", tmp_path / "one") == 0
+    last = metrics(tmp_path / "one")[-1]
+    assert last["step"] == rows and last["epochs"] == {"long-tail": 2.0, "small": 2.0}  # one row a step: exact
+    assert f"--epochs 2: {rows:,} rows in {rows:,} steps" in (tmp_path / "one" / "log.txt").read_text()
+    assert run(*sft, "--batch-size", 2, "--total-batch-tokens", 256, "--out-dir", tmp_path / "four") == 0
+    last = metrics(tmp_path / "four")[-1]
+    assert last["step"] == -(-rows // 4)  # the last step may take up to 3 rows of the next epoch, of <= 65 tokens
+    assert all(2.0 <= e <= 2.0 + 3 * 65 / data.Source(str(uneven / n)).n_tokens for n, e in last["epochs"].items())
+
+
+def test_sft_loss_all_trains_on_the_whole_conversation(corpus, tmp_path):
+    sft = [*TINY, "--stage", "sft", "--data", corpus, "--mixture", "arith-chat=1", "--max-steps", 1]
+    assert run(*sft, "--out-dir", tmp_path / "ours") == 0
+    assert run(*sft, "--sft-loss", "all", "--out-dir", tmp_path / "all") == 0
+    ours, official = metrics(tmp_path / "ours")[0], metrics(tmp_path / "all")[0]
+    assert official["supervised_tokens"] > 1.5 * ours["supervised_tokens"]
+
+
+def test_a_packed_conversation_scores_as_alone_in_its_row():
+    """Why packing with document masks matches the official one conversation per row: each conversation sees
+    only itself, and RoPE scores depend only on relative positions (the QK-norm is rotation-invariant)."""
+    torch.manual_seed(0)
+    model = MobileLLM(ModelConfig.from_size("toy")).eval()
+    a, b, pad = torch.randint(0, 256, (1, 37)), torch.randint(0, 256, (1, 21)), torch.full((1, 6), 260)
+    packed = model(torch.cat([a, b, pad], 1), doc_ids=torch.tensor([[0] * 37 + [1] * 21 + [2] * 6]))
+    alone = model(torch.cat([b, pad], 1), doc_ids=torch.tensor([[0] * 21 + [1] * 6]))
+    assert torch.allclose(packed[0, 37:58], alone[0, :21], atol=1e-4)
+    assert not torch.allclose(model(torch.cat([a, b, pad], 1))[0, 37:58], alone[0, :21], atol=1e-2)  # unmasked
 
 
 def save_ours(model, run_dir, tokenizer="toy"):
@@ -276,6 +339,7 @@ def test_init_from_hugging_face_folder_equals_init_from_our_checkpoint(corpus, t
     (["--total-batch-tokens", "300"], "not a multiple"),
     (["--size", None], "--size is required"),
     (["--keep-last", "0"], "--keep-last must be at least 1"),
+    (["--epochs", "0"], "--epochs must be positive"),
 ])
 def test_bad_input_is_one_line_exit_2(corpus, tmp_path, capsys, flags, message):
     argv = [*TINY, "--data", corpus, "--mixture", "arith=1", "--max-steps", 1, "--out-dir", tmp_path / "r"]
@@ -339,11 +403,11 @@ def test_toy_default_runs_the_whole_pipeline(corpus, tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(toydata, "write_toy", lambda out, seed=0: shutil.copytree(corpus, out, dirs_exist_ok=True))
     small = dict(max_steps=2, batch_size=2, seq_len=64, total_batch_tokens=128, log_every=1, eval_every=2)
-    monkeypatch.setitem(train.TOY_DEFAULTS, "pretrain", dict(train.TOY_DEFAULTS["pretrain"], mixture="arith=1",
+    monkeypatch.setitem(toydata.TOY_RUN, "pretrain", dict(toydata.TOY_RUN["pretrain"], mixture="arith=1",
                                                                  eval_mixture="arith-chat=1", **small))
-    monkeypatch.setitem(train.TOY_DEFAULTS, "sft", dict(train.TOY_DEFAULTS["sft"], mixture="arith-chat=1",
+    monkeypatch.setitem(toydata.TOY_RUN, "sft", dict(toydata.TOY_RUN["sft"], mixture="arith-chat=1",
                                                             eval_mixture="arith-chat=1", **small))
-    monkeypatch.setitem(train.TOY_DEFAULTS, "max_new_tokens", 8)
+    monkeypatch.setitem(toydata.TOY_RUN, "max_new_tokens", 8)
     assert run() == 0
     out = capsys.readouterr().out
     assert "accuracy: " in out and "/4 = " in out  # sample.py --eval's last line
@@ -355,7 +419,7 @@ def test_toy_default_runs_the_whole_pipeline(corpus, tmp_path, monkeypatch, caps
 
 
 def test_distilling_from_a_llama_folder_equals_a_naive_kl(corpus, tmp_path, capsys):
-    """--teacher a LlamaForCausalLM folder as transformers saves it (RECIPE section 4's teacher, tiny, with
+    """--teacher a LlamaForCausalLM folder as transformers saves it (RECIPE section 4.5's teacher, tiny, with
     llama3 rope scaling and rows past its original context): the first step's logged KD loss equals
     KL(teacher || student) over the full vocabulary, computed here with transformers' model as teacher."""
     transformers = pytest.importorskip("transformers")
