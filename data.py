@@ -50,12 +50,10 @@ SHARD_TOKENS = 1 << 28  # at most 1 GiB of tokens per shard; a shard holds whole
 
 
 def _check_input(path):
-    if not os.path.isfile(path):
-        raise DataError(f"input {path} does not exist")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"input {path} is empty")
-    if not path.endswith((".jsonl", ".txt", ".parquet")):
-        raise DataError(f"input {path}: unsupported format; use .jsonl, .txt or .parquet")
+    problem = ("does not exist" if not os.path.isfile(path) else "is empty" if os.path.getsize(path) == 0 else
+               None if path.endswith((".jsonl", ".txt", ".parquet")) else "unsupported format; use .jsonl, .txt or .parquet")
+    if problem:
+        raise DataError(f"input {path} {problem}")
 
 
 def read_jsonl(path):
@@ -327,10 +325,19 @@ PRESETS = {phase: {name: row[2 + i] for name, row in MIXTURE_TABLE.items() if ro
            for i, phase in enumerate(("pretrain-phase1", "pretrain-phase2", "midtrain-phase1", "midtrain-phase2"))}
 PRESETS.update({p: {n: r[1] for n, r in SFT_TABLE.items() if r[2] == p} for p in ("general-sft", "reasoning-sft")})
 PRESETS["toy"] = {"toy-traces": 0.9, "toy-facts": 0.1}  # not from the paper: the laptop run's sources (toydata.py)
+WEIGHTS_FORMAT = "mixing.py weights 1"  # the "format" of a weights file that --mixture @FILE reads
 
 
 def resolve_mixture(data_dir, mixture, renormalize=False):
-    """A preset name or "a=0.7,b=0.3" -> {source: weight} over prepared sources, weights summing to 1."""
+    """A preset, "a=0.7,b=0.3" or "@FILE" (mixing.py weights, RECIPE section 7) -> {prepared source: weight}, sum 1."""
+    if mixture.startswith("@"):
+        try:
+            with open(mixture[1:]) as f:
+                saved = json.load(f)
+            assert saved["format"] == WEIGHTS_FORMAT
+            mixture = ",".join(f"{n}={float(w)!r}" for n, w in saved["weights"].items() if w > 0)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError):
+            raise DataError(f"--mixture {mixture}: not a weights file of `python mixing.py weights --json FILE`")
     if "=" in mixture:
         weights = {}
         for item in mixture.split(","):
@@ -380,8 +387,7 @@ class MixtureSampler:
                  epochs=None, sft_loss="assistant"):
         assert 0 <= rank < world_size and seq_len > 0 and batch_size > 0 and sft_loss in ("assistant", "all")
         self.mixture = resolve_mixture(data_dir, mixture, renormalize)
-        self.names = list(self.mixture)
-        self.weights = np.array([self.mixture[n] for n in self.names])
+        self.names, self.weights = list(self.mixture), np.array(list(self.mixture.values()))
         self.sources = [Source(os.path.join(data_dir, n)) for n in self.names]
         if len({s.meta["tokenizer_fingerprint"] for s in self.sources}) > 1:
             used = ", ".join(f"{s.name} ({s.meta['tokenizer']})" for s in self.sources)
