@@ -46,7 +46,7 @@ from tokenizer import TokenizerError
 # both roles, the input embedding of every token the document holds and the output projection onto every
 # token it predicts. It is one DataInf "layer" (its own damping); --params adds others as further layers.
 DEFAULT_PARAMS = ("embed_tokens.weight",)
-DAMPING = 0.1  # lambda_l = 0.1 * mean ||g_il||^2 / d_l (DataInf's default, RECIPE section 7)
+DAMPING = 0.1  # lambda_l = 0.1 * mean ||g_il||^2 / d_l (DataInf's default, RECIPE section 7); --damping
 
 
 class MixingError(Exception):
@@ -193,7 +193,7 @@ def all_sum(rt, tensors):
     return tensors
 
 
-def directions(model, params, probes, hessian, rt, bar):
+def directions(model, params, probes, hessian, rt, bar, damping=DAMPING):
     """h[c][l] ~ H_l^-1 v_cl for each probe c and layer l, DataInf's closed form (RECIPE section 7, Eq. 2):
     v_cl the mean probe gradient, per-sample gradients g_il of the Hessian sample,
         lambda_l = 0.1 mean_i ||g_il||^2 / d_l,  c_i = <v_l, g_il> / (lambda_l + ||g_il||^2),
@@ -221,7 +221,7 @@ def directions(model, params, probes, hessian, rt, bar):
                 dots[i, c, l] = (v[c][l].double() * gl.double()).sum()
     norms, dots, valid = all_sum(rt, [norms, dots, valid])
     n_valid = valid.sum().clamp(min=1)
-    lam = DAMPING * norms.sum(0) / n_valid / torch.tensor(dims, dtype=torch.float64, device=dev)
+    lam = damping * norms.sum(0) / n_valid / torch.tensor(dims, dtype=torch.float64, device=dev)
     coef = dots / (lam + norms)[:, None, :] * valid[:, None, None]  # c_i, per probe and layer
     acc = [[torch.zeros(d, dtype=torch.float64, device=dev) for d in dims] for _ in range(P)]
     for i, g, _ in each_gradient(model, params, hessian, rt, bar):  # the second pass: sum_i c_i g_il
@@ -248,7 +248,7 @@ def benefits(model, params, dirs, docs, rt, bar):
     return scores.cpu().numpy(), tokens.cpu().numpy()
 
 
-def joint_benefit(ckpts, sources, probes, docs, hessian, rt, param_names=DEFAULT_PARAMS, desc="score"):
+def joint_benefit(ckpts, sources, probes, docs, hessian, rt, param_names=DEFAULT_PARAMS, desc="score", damping=DAMPING):
     """Eq. 5: per-document benefit (n, probes), summed over checkpoints with alpha_t proportional to the
     checkpoint's step t (normalised to sum 1); and the documents' supervised tokens."""
     alpha = np.array([step for _, step in ckpts], dtype=np.float64)
@@ -258,7 +258,7 @@ def joint_benefit(ckpts, sources, probes, docs, hessian, rt, param_names=DEFAULT
     bar = tqdm(total=work, desc=desc, unit="doc", disable=not rt.master or None, dynamic_ncols=True)
     for a, (file, _) in zip(alpha, ckpts):
         model, params = load_scorer(file, sources, rt, param_names)
-        dirs = directions(model, params, probes, hessian, rt, bar)
+        dirs = directions(model, params, probes, hessian, rt, bar, damping)
         scores, tokens = benefits(model, params, dirs, docs, rt, bar)
         total = a * scores if total is None else total + a * scores
     bar.close()
@@ -290,11 +290,11 @@ def probe_sets(args):
             for name, srcs in probes.items()}
 
 
-def train_flags(args, mixture, out_dir, seed, steps, points=3, init_from=None, stage="pretrain"):
+def train_flags(args, mixture, out_dir, seed, steps, points=3, init_from=None, stage="pretrain", lr=None):
     """train.py's command line for one run of the tool (printed, so any run can be redone by hand)."""
     flags = ["--stage", stage, "--data", args.data, "--mixture", mixture, "--max-steps", steps, "--seed", seed,
              "--out-dir", out_dir, "--batch-size", args.batch_size, "--seq-len", args.seq_len,
-             "--total-batch-tokens", args.batch_size * args.seq_len, "--lr", args.lr, "--warmup-steps",
+             "--total-batch-tokens", args.batch_size * args.seq_len, "--lr", lr or args.lr, "--warmup-steps",
              min(args.warmup, steps // 4), "--save-every", max(1, steps // points), "--keep-last", points,
              "--log-every", steps, "--eval-batches", 1, "--device", args.device]
     flags += ["--init-from", init_from] if init_from else ["--size", args.size]
@@ -355,7 +355,7 @@ def weights(args, rt):
                                                                                             // len(parts))]])
                       for s, ix in parts])
     scores, tokens = joint_benefit(ckpts, list(sources.values()), list(probes.values()), docs, hessian, rt,
-                                   args.params)
+                                   args.params, damping=args.damping)
     per_probe, start = {p: {} for p in probes}, 0
     for name, (_, ix) in zip(sources, parts):
         sl, start = slice(start, start + len(ix)), start + len(ix)
@@ -393,7 +393,7 @@ def filter_source(args, rt):
     docs = DocSet([(src, np.arange(len(src.docs)))])
     hessian = DocSet([(src, sample_docs(src, args.hessian_docs, args.seed))])
     scores, _ = joint_benefit(checkpoint_files(args.ckpt), [src], list(probes.values()), docs, hessian, rt,
-                              args.params, desc=f"filter {args.source}")
+                              args.params, desc=f"filter {args.source}", damping=args.damping)
     keep = np.flatnonzero(scores.mean(1) > 0)
     if rt.master:
         write_source(src, keep, out, {"filtered_from": str(Path(args.data) / args.source), "ckpt": args.ckpt})
@@ -463,7 +463,7 @@ DEMO_DIR, DEMO_OUT = "data/toy-mix", "out/mixing"
 DEMO_SOURCES = ["worked-addsub", "worked-mul", "drills", "errors", "off-task"]
 # The hand-set toy mixture (data.PRESETS["toy"]: 90% worked problems, 10% drill sheets) on these sources.
 DEMO_HAND_SET = "worked-addsub=0.45,worked-mul=0.45,drills=0.1"
-DEMO = dict(loo_steps=150, pretrain_steps=400, sft_steps=60, midtrain_steps=100, seeds=(0, 1), eval_problems=100)
+DEMO = dict(loo_steps=120, pretrain_steps=250, sft_steps=40, midtrain_steps=80, seeds=(0, 1), eval_problems=0)
 
 
 def sft_accuracy(run_dir, pre_dir, args, rt, seed):
@@ -477,7 +477,7 @@ def sft_accuracy(run_dir, pre_dir, args, rt, seed):
     run_training(flags + [f"--data={args.data}", f"--out-dir={run_dir}", f"--init-from={pre_dir}",
                           f"--seed={seed}", f"--device={args.device}"], rt)
     sargs = sample.parse_args(["--ckpt", str(run_dir), "--eval", str(DEMO["eval_problems"]), "--eval-file",
-                               os.path.join(args.data, "eval.jsonl"), "--max-new-tokens", "400", "--device",
+                               os.path.join(args.data, "eval.jsonl"), "--max-new-tokens", "300", "--device",
                                str(rt.device)])
     model, enc = sample.load(sargs, rt.device)
     problems = sample.eval_problems(sargs)
@@ -500,7 +500,8 @@ def demo(rt):
     if rt.ddp:
         dist.barrier()
     probe_flags = [f"{k}={DEMO_DIR}/probe-{k}" for k in toydata.KINDS]
-    base = ["--data", DEMO_DIR, "--sources", ",".join(DEMO_SOURCES), "--size", "toy"]
+    base = ["--data", DEMO_DIR, "--sources", ",".join(DEMO_SOURCES), "--size", "toy", "--batch-size", "4",
+            "--probe-docs", "32"]
     for p in probe_flags:
         base += ["--probe", p]
     out = Path(DEMO_OUT)
@@ -537,11 +538,12 @@ def demo(rt):
         kept = filter_source(fargs, rt)
         run_dir = out / f"midtrain-filtered-r{r}"
         run_training(train_flags(args, f"pool-r{r}=1", str(run_dir), 0, steps, 1, init_from=current,
-                                 stage="midtrain"), rt)
+                                 stage="midtrain", lr=args.lr / 3), rt)
         filt[r] = {"kept": int(len(kept)), "probe_loss": final_probe_losses(run_dir, probes, rt)}
         current = run_dir
     plain = out / "midtrain-unfiltered"
-    run_training(train_flags(args, "pool=1", str(plain), 0, 2 * steps, 1, init_from=start, stage="midtrain"), rt)
+    run_training(train_flags(args, "pool=1", str(plain), 0, 2 * steps, 1, init_from=start, stage="midtrain",
+                             lr=args.lr / 3), rt)
     unfiltered = final_probe_losses(plain, probes, rt)
     if not rt.master:
         return
@@ -579,6 +581,7 @@ def parse_args(argv):
     scoring.add_argument("--ckpt", action="append", required=True, metavar="RUN_OR_CKPT",
                          help="checkpoint file, or run folder (all its checkpoints); repeatable")
     scoring.add_argument("--hessian-docs", type=int, default=256, help="documents for the damped Hessian")
+    scoring.add_argument("--damping", type=float, default=DAMPING, help="lambda_l = DAMPING x mean ||g_l||^2 / d_l")
     scoring.add_argument("--params", type=lambda s: s.split(","), default=list(DEFAULT_PARAMS),
                          help="parameters measured, comma-separated (default: the tied embedding)")
     sources = lambda s: [x for x in s.split(",") if x]  # noqa: E731

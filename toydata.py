@@ -358,7 +358,7 @@ def with_planted_errors(question, rng, rate=0.7):
 
 
 def generate_mixing(seed=0, n_worked=3000, n_drills=800, n_errors=3000, n_off=1500, n_pool=1500, n_probe=40,
-                    n_eval=40, n_sft=1500):
+                    n_eval=20, n_sft=1500):
     """The demonstration corpus, deterministic in seed. Text sources:
       worked-addsub / worked-mul: worked problems of the additive kinds (add, sub, add_sub) / of the
         multiplicative ones (mul, mul_add); drills: drill sheets of one-step facts; errors: worked problems
