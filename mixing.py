@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -74,11 +75,9 @@ class DocSet:
 
 
 def open_source(folder, what):
-    if not os.path.isdir(folder):
-        raise MixingError(f"{what}: {folder} does not exist; prepare it with `python data.py prepare`")
     if data.read_meta(folder) is None:
-        raise MixingError(f"{what}: {folder} is not a prepared source (no meta.json); prepare it with "
-                          "`python data.py prepare`")
+        problem = "is not a prepared source (no meta.json)" if os.path.isdir(folder) else "does not exist"
+        raise MixingError(f"{what}: {folder} {problem}; prepare it with `python data.py prepare`")
     src = data.Source(folder)
     if len(src.docs) == 0:
         raise MixingError(f"{what}: {folder} holds no documents; give a probe set with documents")
@@ -94,9 +93,7 @@ def parse_probe(spec):
     folder, _, source = where.rpartition(":") if ":" in where and not os.path.isdir(where) else (where, "", "")
     if source:
         return name, [open_source(os.path.join(folder, source), f"--probe {name}")]
-    if not os.path.isdir(folder):
-        raise MixingError(f"--probe {name}: folder {folder} does not exist; give a prepared source or held-out folder")
-    if data.read_meta(folder) is not None:
+    if data.read_meta(folder) is not None or not os.path.isdir(folder):
         return name, [open_source(folder, f"--probe {name}")]
     subs = sorted(d for d in os.listdir(folder) if data.read_meta(os.path.join(folder, d)) is not None)
     if not subs:
@@ -146,12 +143,10 @@ def load_scorer(file, sources, rt, param_names):
         raise MixingError(f"checkpoint {file} has a vocabulary of {model.config.vocab_size} ({tokenizer}), the data "
                           f"{src.meta['vocab_size']} ({src.meta['tokenizer']}): use a model of the data's tokenizer")
     named = dict(model.named_parameters())
-    unknown = [n for n in param_names if n not in named]
-    if unknown:
-        raise MixingError(f"--params {','.join(unknown)}: no such parameter; e.g. {', '.join(list(named)[:3])}")
+    if any(n not in named for n in param_names):
+        raise MixingError(f"--params {','.join(param_names)}: no such parameter; e.g. {', '.join(list(named)[:3])}")
     model.eval().requires_grad_(False)
-    params = [named[n].requires_grad_(True) for n in param_names]
-    return model, params
+    return model, [named[n].requires_grad_(True) for n in param_names]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -216,9 +211,9 @@ def directions(model, params, probes, hessian, rt, bar, damping=DAMPING):
     for i, g, _ in each_gradient(model, params, hessian, rt, bar):
         valid[i] = 1
         for l, gl in enumerate(g):
-            norms[i, l] = gl.double().square().sum()
+            norms[i, l] = torch.dot(gl, gl)
             for c in range(P):
-                dots[i, c, l] = (v[c][l].double() * gl.double()).sum()
+                dots[i, c, l] = torch.dot(v[c][l], gl)
     norms, dots, valid = all_sum(rt, [norms, dots, valid])
     n_valid = valid.sum().clamp(min=1)
     lam = damping * norms.sum(0) / n_valid / torch.tensor(dims, dtype=torch.float64, device=dev)
@@ -227,7 +222,7 @@ def directions(model, params, probes, hessian, rt, bar, damping=DAMPING):
     for i, g, _ in each_gradient(model, params, hessian, rt, bar):  # the second pass: sum_i c_i g_il
         for c in range(P):
             for l, gl in enumerate(g):
-                acc[c][l] += coef[i, c, l] * gl.double()
+                acc[c][l].add_(gl, alpha=coef[i, c, l].item())
     for c in range(P):
         all_sum(rt, acc[c])
     return [[(v[c][l].double() / lam[l] - acc[c][l] / (n_valid * lam[l])).float() for l in range(L)]
@@ -243,12 +238,13 @@ def benefits(model, params, dirs, docs, rt, bar):
     for i, g, n in each_gradient(model, params, docs, rt, bar):
         tokens[i] = n
         for c, h in enumerate(dirs):
-            scores[i, c] = sum((hl * gl).sum().double() for hl, gl in zip(h, g))
+            scores[i, c] = sum(torch.dot(hl, gl).double() for hl, gl in zip(h, g))
     scores, tokens = all_sum(rt, [scores, tokens])
     return scores.cpu().numpy(), tokens.cpu().numpy()
 
 
-def joint_benefit(ckpts, sources, probes, docs, hessian, rt, param_names=DEFAULT_PARAMS, desc="score", damping=DAMPING):
+def joint_benefit(ckpts, sources, probes, docs, hessian, rt, param_names=DEFAULT_PARAMS, desc="score",
+                  damping=DAMPING):
     """Eq. 5: per-document benefit (n, probes), summed over checkpoints with alpha_t proportional to the
     checkpoint's step t (normalised to sum 1); and the documents' supervised tokens."""
     alpha = np.array([step for _, step in ckpts], dtype=np.float64)
@@ -332,7 +328,7 @@ def loo(args, rt):
              for n in sources}
     report = {"steps": steps, "delta": delta, "loss": losses, "sources": list(sources), "probes": list(probes)}
     if rt.master:
-        print(f"\nleave-one-out: Delta L = probe loss without the source - with it (> 0: the source helps)")
+        print("\nleave-one-out: Delta L = probe loss without the source - with it (> 0: the source helps)")
         print(f"{'source':<18}{'step':>7}" + "".join(f"{p:>11}" for p in probes))
         for n in sources:
             for s in steps:
@@ -351,9 +347,8 @@ def weights(args, rt):
     ckpts = checkpoint_files(args.ckpt)
     parts = [(s, sample_docs(s, args.docs, args.seed)) for s in sources.values()]
     docs = DocSet(parts)
-    hessian = DocSet([(s, ix[np.random.default_rng(args.seed).permutation(len(ix))[:max(1, args.hessian_docs
-                                                                                            // len(parts))]])
-                      for s, ix in parts])
+    share = max(1, args.hessian_docs // len(parts))  # the Hessian sample: an equal share of every source
+    hessian = DocSet([(s, sample_docs(s, share, args.seed + 1)) for s in sources.values()])
     scores, tokens = joint_benefit(ckpts, list(sources.values()), list(probes.values()), docs, hessian, rt,
                                    args.params, damping=args.damping)
     per_probe, start = {p: {} for p in probes}, 0
@@ -394,59 +389,48 @@ def filter_source(args, rt):
     hessian = DocSet([(src, sample_docs(src, args.hessian_docs, args.seed))])
     scores, _ = joint_benefit(checkpoint_files(args.ckpt), [src], list(probes.values()), docs, hessian, rt,
                               args.params, desc=f"filter {args.source}", damping=args.damping)
-    keep = np.flatnonzero(scores.mean(1) > 0)
+    keep = np.flatnonzero(scores.mean(1) > 0)  # Eq. 7: D_t = {x : I(x; theta_t) > 0}
     if rt.master:
-        write_source(src, keep, out, {"filtered_from": str(Path(args.data) / args.source), "ckpt": args.ckpt})
-        print(f"kept {len(keep):,} of {len(docs):,} documents of {args.source} ({len(keep) / len(docs):.1%}) "
-              f"in {out}")
+        print(f"kept {len(keep):,} of {len(docs):,} documents of {args.source} ({len(keep) / len(docs):.1%})"
+              + (f" in {out}" if len(keep) else ": nothing left to mid-train on, no source written"))
+        if len(keep):
+            write_source(src, keep, out, {"filtered_from": str(Path(args.data) / args.source), "ckpt": args.ckpt})
+    if rt.ddp:
+        dist.barrier()  # the new source is complete before any rank trains on it
     return keep
 
 
 def write_source(src, keep, folder, origin):
-    """A prepared source of src's documents `keep`, in data.py's shard format, built in a hidden folder
-    and renamed into place (as data.py prepare does): nothing half-written looks prepared."""
+    """A prepared source of src's documents `keep`, written with data.py's shard writer (same format, at most
+    data.SHARD_TOKENS per shard) in a hidden folder renamed into place: nothing half-written looks prepared."""
     folder = Path(folder)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    meta, shards, rows, f, mf = dict(src.meta), [], [], None, None
+    meta = dict(src.meta)
     try:
+        enc = SimpleNamespace(n_vocab=meta["vocab_size"], fingerprint=meta["tokenizer_fingerprint"])
+        writer = data._ShardWriter(str(tmp / "part"), enc, src.kind)
         for d in keep:
-            tokens, mask = src.doc(int(d))
-            if f is None or (shards[-1]["n_tokens"] and shards[-1]["n_tokens"] + len(tokens) > data.SHARD_TOKENS):
-                close_shard(f, mf, meta, shards)
-                shards.append({"file": f"shard_{len(shards):05d}.bin", "n_tokens": 0})
-                f = open(tmp / shards[-1]["file"], "wb")
-                f.write(b"\0" * data.HEADER_BYTES)
-                mf = open(tmp / shards[-1]["file"].replace(".bin", ".mask"), "wb") if src.kind == "chat" else None
-            np.asarray(tokens, dtype=np.uint32).tofile(f)
-            if mf:
-                np.asarray(mask, dtype=np.uint8).tofile(mf)
-            rows.append((len(shards) - 1, shards[-1]["n_tokens"], len(tokens)))
-            shards[-1]["n_tokens"] += len(tokens)
-        if f is None:
-            raise MixingError(f"no document of {src.name} has a positive benefit: nothing to write to {folder}")
-        close_shard(f, mf, meta, shards)
-        np.save(tmp / "docs.npy", np.array(rows, dtype=np.int64).reshape(-1, 3))
-        n = sum(s["n_tokens"] for s in shards)
-        meta.update(source=folder.name, n_tokens=n, n_docs=len(rows), shards=shards, inputs=[origin])
+            writer.add(*src.doc(int(d)))
+        writer.close()
+        docs, shards = [], []
+        for k, (part, lengths) in enumerate(writer.parts):
+            for ext in (".bin", ".mask") if src.kind == "chat" else (".bin",):
+                os.rename(part + ext, tmp / f"shard_{k:05d}{ext}")
+            lengths = np.asarray(lengths, dtype=np.int64)
+            docs.append(np.stack([np.full_like(lengths, k), np.cumsum(lengths) - lengths, lengths], axis=1))
+            shards.append({"file": f"shard_{k:05d}.bin", "n_tokens": int(lengths.sum())})
+        docs = np.concatenate(docs)
+        np.save(tmp / "docs.npy", docs)
+        meta.update(source=folder.name, n_tokens=int(docs[:, 2].sum()), n_docs=len(docs), shards=shards,
+                    inputs=[origin])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if folder.exists():
             shutil.rmtree(folder)
         os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def close_shard(f, mf, meta, shards):
-    if f is None:
-        return
-    f.seek(0)  # the header last, as data.py writes it: it says how many tokens follow
-    np.array([data.MAGIC, data.VERSION, meta["vocab_size"], shards[-1]["n_tokens"],
-              int(meta["tokenizer_fingerprint"], 16), 0, 0, 0], dtype="<u8").tofile(f)
-    f.close()
-    if mf:
-        mf.close()
 
 
 def write_json(path, obj):
@@ -488,8 +472,7 @@ def sft_accuracy(run_dir, pre_dir, args, rt, seed):
 
 
 def final_probe_losses(run_dir, probes, rt):
-    model, _, _ = load_model(run_dir, rt.device)
-    return {p: probe_loss(model, docs, rt) for p, docs in probes.items()}
+    return {p: probe_loss(load_model(run_dir, rt.device)[0], docs, rt) for p, docs in probes.items()}
 
 
 def demo(rt):
@@ -499,11 +482,8 @@ def demo(rt):
         toydata.write_mixing_toy(DEMO_DIR)
     if rt.ddp:
         dist.barrier()
-    probe_flags = [f"{k}={DEMO_DIR}/probe-{k}" for k in toydata.KINDS]
     base = ["--data", DEMO_DIR, "--sources", ",".join(DEMO_SOURCES), "--size", "toy", "--batch-size", "4",
-            "--probe-docs", "32"]
-    for p in probe_flags:
-        base += ["--probe", p]
+            "--probe-docs", "32"] + [f for k in toydata.KINDS for f in ("--probe", f"{k}={DEMO_DIR}/probe-{k}")]
     out = Path(DEMO_OUT)
     say = print if rt.master else (lambda *a, **k: None)
     say(f"\n== 1. leave-one-out: python mixing.py loo {' '.join(base)} --steps {DEMO['loo_steps']} --out {out}/loo")
@@ -536,6 +516,8 @@ def demo(rt):
                             "--out", pool])
         say(f"python mixing.py filter --data {DEMO_DIR} --source pool ... --ckpt {current} --out {pool}")
         kept = filter_source(fargs, rt)
+        if not len(kept):
+            break
         run_dir = out / f"midtrain-filtered-r{r}"
         run_training(train_flags(args, f"pool-r{r}=1", str(run_dir), 0, steps, 1, init_from=current,
                                  stage="midtrain", lr=args.lr / 3), rt)
@@ -569,7 +551,7 @@ def demo(rt):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command")  # none: the demonstration
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", required=True, help="prepared data folder")
     common.add_argument("--probe", action="append", metavar="NAME=DIR[:SOURCE]",
@@ -604,21 +586,19 @@ def parse_args(argv):
         q.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
         q.add_argument("--warmup", type=int, default=20, help="warmup steps")
     args = p.parse_args(argv)
-    for name in ("steps", "points", "docs", "hessian_docs"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) < (0 if name == "docs" else 1):
-            raise MixingError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("steps", "points", "hessian_docs"):
+        if getattr(args, name, 1) < 1:
+            raise MixingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return args
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     try:
-        if not argv:
+        args = parse_args(argv)
+        if args.command is None:
             demo(Runtime())
         else:
-            args = parse_args(argv)
-            rt = Runtime(args.device)
-            {"loo": loo, "weights": weights, "filter": filter_source}[args.command](args, rt)
+            {"loo": loo, "weights": weights, "filter": filter_source}[args.command](args, Runtime(args.device))
         if dist.is_initialized():
             dist.barrier()
     except (MixingError, ModelError, data.DataError, TokenizerError, DeviceError, train.TrainError) as e:
