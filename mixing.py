@@ -58,8 +58,7 @@ class MixingError(Exception):
 # Documents, probes and checkpoints
 
 class DocSet:
-    """Documents of several prepared sources addressed 0..len-1, without a Python object per document
-    (a filtered pool may hold millions)."""
+    """Documents of prepared sources addressed 0..len-1, without a Python object per document (pools are big)."""
 
     def __init__(self, parts):
         self.parts = [(src, np.asarray(ix, dtype=np.int64)) for src, ix in parts]
@@ -102,6 +101,7 @@ def parse_probe(spec):
 
 
 def open_sources(data_dir, names):
+    names = names or []
     if not os.path.isdir(data_dir):
         raise MixingError(f"--data {data_dir} does not exist; prepare sources into it with `python data.py prepare`")
     prepared = sorted(d for d in os.listdir(data_dir) if data.read_meta(os.path.join(data_dir, d)) is not None)
@@ -122,14 +122,10 @@ def sample_docs(src, n, seed):
 def checkpoint_files(specs):
     """--ckpt values -> [(file, step)] in step order; a run folder gives all its checkpoints."""
     files = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir() and latest_checkpoint(path) is not None:
-            files += sorted(path.glob("ckpt_*.pt"))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise MixingError(f"--ckpt {spec}: no checkpoint there; give a run folder of train.py or a ckpt_*.pt file")
+    for path in map(Path, specs):
+        if not (path.is_file() or latest_checkpoint(path) is not None):
+            raise MixingError(f"--ckpt {path}: no checkpoint there; give a run folder of train.py or a ckpt_*.pt file")
+        files += [path] if path.is_file() else sorted(path.glob("ckpt_*.pt"))
     return sorted(((f, int(f.stem.split("_")[-1]) if f.stem.startswith("ckpt_") else i + 1)
                    for i, f in enumerate(files)), key=lambda fs: fs[1])
 
@@ -137,7 +133,7 @@ def checkpoint_files(specs):
 def load_scorer(file, sources, rt, param_names):
     """The checkpoint's model on the device, all parameters frozen but the measured subset."""
     model, tokenizer, meta = load_model(file, rt.device)
-    src = next(iter(sources))
+    src = sources[0]
     foreign = meta["format"] == "ours" and tokenizer != src.meta["tokenizer"]
     if model.config.vocab_size < src.meta["vocab_size"] or foreign:
         raise MixingError(f"checkpoint {file} has a vocabulary of {model.config.vocab_size} ({tokenizer}), the data "
@@ -162,8 +158,7 @@ def doc_tensors(tokens, mask, max_len, device):
 
 
 def doc_gradient(model, params, tokens, mask, rt):
-    """Gradients of the document's mean token loss on params (flat float32), and its supervised tokens;
-    (None, 0) for a document with nothing supervised."""
+    """Flat float32 gradients of the document's mean token loss on params, and its supervised tokens (or None, 0)."""
     x, y = doc_tensors(tokens, mask, model.config.max_seq_len, rt.device)
     n = int((y != -100).sum())
     if n == 0:
@@ -223,8 +218,7 @@ def directions(model, params, probes, hessian, rt, bar, damping=DAMPING):
         for c in range(P):
             for l, gl in enumerate(g):
                 acc[c][l].add_(gl, alpha=coef[i, c, l].item())
-    for c in range(P):
-        all_sum(rt, acc[c])
+    all_sum(rt, [a for per_probe in acc for a in per_probe])
     return [[(v[c][l].double() / lam[l] - acc[c][l] / (n_valid * lam[l])).float() for l in range(L)]
             for c in range(P)]
 
@@ -265,7 +259,6 @@ def joint_benefit(ckpts, sources, probes, docs, hessian, rt, param_names=DEFAULT
 def probe_loss(model, docs, rt):
     """Token-weighted mean loss over a probe set: E_z l(z; theta) of Eq. 1."""
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)
-    model.eval()
     for i in range(rt.rank, len(docs), rt.world_size):
         x, y = doc_tensors(*docs[i], model.config.max_seq_len, rt.device)
         with rt.autocast():
@@ -279,8 +272,7 @@ def probe_loss(model, docs, rt):
 # The three commands
 
 def probe_sets(args):
-    probes = dict(parse_probe(s) for s in args.probe or [])
-    if not probes:
+    if not (probes := dict(parse_probe(s) for s in args.probe or [])):
         raise MixingError("give at least one --probe NAME=DIR[:SOURCE]")
     return {name: DocSet([(s, sample_docs(s, args.probe_docs, args.seed)) for s in srcs])
             for name, srcs in probes.items()}
@@ -359,8 +351,7 @@ def weights(args, rt):
     rho = {n: float(np.mean([per_probe[p][n] for p in probes])) for n in sources}  # probes uniformly (Eq. 5)
     positive = {n: max(r, 0.0) for n, r in rho.items()}
     if sum(positive.values()) <= 0:
-        raise MixingError("no source has a positive benefit on the probes: no mixture to derive (check the probes "
-                          "and the checkpoints)")
+        raise MixingError("no source has a positive benefit on the probes: no mixture to derive; check the probes")
     w = {n: r / sum(positive.values()) for n, r in positive.items()}
     mixture = ",".join(f"{n}={x:.6f}" for n, x in w.items() if x > 0)
     out = {"format": data.WEIGHTS_FORMAT, "weights": w, "rho": rho, "per_probe": per_probe, "mixture": mixture,
@@ -435,9 +426,8 @@ def write_source(src, keep, folder, origin):
 
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(f"{path}.tmp", path)
+    Path(f"{path}.tmp").write_text(json.dumps(obj, indent=1))
+    os.replace(f"{path}.tmp", path)  # atomic: a reader never sees half a file
 
 
 # -------------------------------------------------------------------------------------------------
@@ -472,7 +462,8 @@ def sft_accuracy(run_dir, pre_dir, args, rt, seed):
 
 
 def final_probe_losses(run_dir, probes, rt):
-    return {p: probe_loss(load_model(run_dir, rt.device)[0], docs, rt) for p, docs in probes.items()}
+    model = load_model(run_dir, rt.device)[0]
+    return {p: probe_loss(model, docs, rt) for p, docs in probes.items()}
 
 
 def demo(rt):
@@ -486,12 +477,12 @@ def demo(rt):
             "--probe-docs", "32"] + [f for k in toydata.KINDS for f in ("--probe", f"{k}={DEMO_DIR}/probe-{k}")]
     out = Path(DEMO_OUT)
     say = print if rt.master else (lambda *a, **k: None)
-    say(f"\n== 1. leave-one-out: python mixing.py loo {' '.join(base)} --steps {DEMO['loo_steps']} --out {out}/loo")
-    args = parse_args(["loo", *base, "--steps", str(DEMO["loo_steps"]), "--out", str(out / "loo")])
-    report = loo(args, rt)
-    say(f"\n== 2. influence weights: python mixing.py weights {' '.join(base)} --ckpt {out}/loo/all "
-        f"--json {out}/weights.json")
-    args = parse_args(["weights", *base, "--ckpt", str(out / "loo" / "all"), "--json", str(out / "weights.json")])
+
+    def command(*argv):  # each step is a command of this tool: print it, then parse it
+        say(f"\n== python mixing.py {' '.join(map(str, argv))}")
+        return parse_args([str(a) for a in argv])
+    report = loo(command("loo", *base, "--steps", DEMO["loo_steps"], "--out", out / "loo"), rt)
+    args = command("weights", *base, "--ckpt", out / "loo" / "all", "--json", out / "weights.json")
     derived = weights(args, rt)
     lowest = min(derived["rho"], key=derived["rho"].get)
     say(f"sanity check: the planted-error source has the lowest benefit: {lowest == 'errors'} (lowest: {lowest})")
@@ -511,11 +502,8 @@ def demo(rt):
     start, steps = out / "pretrain-derived-s0", DEMO["midtrain_steps"]
     filt, current = {}, start
     for r in (1, 2):
-        pool = f"{DEMO_DIR}/pool-r{r}"
-        fargs = parse_args(["filter", "--data", DEMO_DIR, "--source", "pool", *base[4:], "--ckpt", str(current),
-                            "--out", pool])
-        say(f"python mixing.py filter --data {DEMO_DIR} --source pool ... --ckpt {current} --out {pool}")
-        kept = filter_source(fargs, rt)
+        kept = filter_source(command("filter", *base[4:], "--data", DEMO_DIR, "--source", "pool", "--ckpt", current,
+                                     "--out", f"{DEMO_DIR}/pool-r{r}"), rt)
         if not len(kept):
             break
         run_dir = out / f"midtrain-filtered-r{r}"
@@ -566,25 +554,23 @@ def parse_args(argv):
     scoring.add_argument("--damping", type=float, default=DAMPING, help="lambda_l = DAMPING x mean ||g_l||^2 / d_l")
     scoring.add_argument("--params", type=lambda s: s.split(","), default=list(DEFAULT_PARAMS),
                          help="parameters measured, comma-separated (default: the tied embedding)")
-    sources = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    common.add_argument("--sources", type=lambda s: [x for x in s.split(",") if x], help="comma-separated sources")
     q = sub.add_parser("loo", parents=[common], help="leave-one-out runs (Eq. 1)")
-    q.add_argument("--sources", type=sources, required=True, help="comma-separated source names")
     q.add_argument("--steps", type=int, required=True, help="optimizer steps of every run")
     q.add_argument("--points", type=int, default=3, help="checkpoints (evenly spaced) at which Delta L is reported")
     q.add_argument("--out", required=True, help="folder of the runs and loo.json")
     q = sub.add_parser("weights", parents=[common, scoring], help="influence-based mixture weights (Eqs. 2, 5, 6)")
-    q.add_argument("--sources", type=sources, required=True, help="comma-separated source names")
     q.add_argument("--docs", type=int, default=128, help="documents sampled per source (0: all)")
     q.add_argument("--json", help="write the weights here (train.py / data.py mix --mixture @FILE)")
     q = sub.add_parser("filter", parents=[common, scoring], help="keep the documents of positive benefit (Eqs. 7-8)")
     q.add_argument("--source", required=True, help="the source to filter")
     q.add_argument("--out", required=True, help="the new source folder (its name is the new source's)")
-    for q in sub.choices.values():  # the runs of loo and the demo
-        q.add_argument("--size", default="toy", help="model size of the runs (loo)")
-        q.add_argument("--batch-size", type=int, default=8, help="rows per step")
-        q.add_argument("--seq-len", type=int, default=256, help="tokens per row")
-        q.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-        q.add_argument("--warmup", type=int, default=20, help="warmup steps")
+    runs = (("--size", str, "toy", "model size"), ("--batch-size", int, 8, "rows per step"),
+            ("--seq-len", int, 256, "tokens per row"), ("--lr", float, 3e-3, "peak learning rate"),
+            ("--warmup", int, 20, "warmup steps"))
+    for q in sub.choices.values():  # the training runs of loo and of the demonstration
+        for flag, kind, default, text in runs:
+            q.add_argument(flag, type=kind, default=default, help=f"training runs: {text}")
     args = p.parse_args(argv)
     for name in ("steps", "points", "hessian_docs"):
         if getattr(args, name, 1) < 1:
