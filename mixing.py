@@ -437,7 +437,7 @@ DEMO_DIR, DEMO_OUT = "data/toy-mix", "out/mixing"
 DEMO_SOURCES = ["worked-addsub", "worked-mul", "drills", "errors", "off-task"]
 # The hand-set toy mixture (data.PRESETS["toy"]: 90% worked problems, 10% drill sheets) on these sources.
 DEMO_HAND_SET = "worked-addsub=0.45,worked-mul=0.45,drills=0.1"
-DEMO = dict(loo_steps=120, pretrain_steps=250, sft_steps=40, midtrain_steps=80, seeds=(0, 1), eval_problems=0)
+DEMO = dict(loo_steps=100, pretrain_steps=200, sft_steps=30, midtrain_steps=60, seeds=(0, 1), eval_problems=0)
 
 
 def sft_accuracy(run_dir, pre_dir, args, rt, seed):
@@ -474,7 +474,7 @@ def demo(rt):
     if rt.ddp:
         dist.barrier()
     base = ["--data", DEMO_DIR, "--sources", ",".join(DEMO_SOURCES), "--size", "toy", "--batch-size", "4",
-            "--probe-docs", "32"] + [f for k in toydata.KINDS for f in ("--probe", f"{k}={DEMO_DIR}/probe-{k}")]
+            "--probe-docs", "24"] + [f for k in toydata.KINDS for f in ("--probe", f"{k}={DEMO_DIR}/probe-{k}")]
     out = Path(DEMO_OUT)
     say = print if rt.master else (lambda *a, **k: None)
 
@@ -482,15 +482,15 @@ def demo(rt):
         say(f"\n== python mixing.py {' '.join(map(str, argv))}")
         return parse_args([str(a) for a in argv])
     report = loo(command("loo", *base, "--steps", DEMO["loo_steps"], "--out", out / "loo"), rt)
-    args = command("weights", *base, "--ckpt", out / "loo" / "all", "--json", out / "weights.json")
+    args = command("weights", *base, "--docs", 64, "--hessian-docs", 128, "--ckpt", out / "loo" / "all", "--json",
+                   out / "weights.json")
     derived = weights(args, rt)
     lowest = min(derived["rho"], key=derived["rho"].get)
     say(f"sanity check: the planted-error source has the lowest benefit: {lowest == 'errors'} (lowest: {lowest})")
     mixtures = {"uniform": ",".join(f"{n}=1" for n in DEMO_SOURCES), "derived": f"@{out}/weights.json",
                 "hand-set": DEMO_HAND_SET}
     say("\n== 3. pre-training with each mixture, same token budget, then the same SFT")
-    results = {}
-    probes = probe_sets(args)
+    results, probes = {}, probe_sets(args)
     for name, mixture in mixtures.items():
         for seed in DEMO["seeds"]:
             pre = out / f"pretrain-{name}-s{seed}"
@@ -502,7 +502,7 @@ def demo(rt):
     start, steps = out / "pretrain-derived-s0", DEMO["midtrain_steps"]
     filt, current = {}, start
     for r in (1, 2):
-        kept = filter_source(command("filter", *base[4:], "--data", DEMO_DIR, "--source", "pool", "--ckpt", current,
+        kept = filter_source(command("filter", *base, "--source", "pool", "--hessian-docs", 128, "--ckpt", current,
                                      "--out", f"{DEMO_DIR}/pool-r{r}"), rt)
         if not len(kept):
             break
