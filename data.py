@@ -30,6 +30,7 @@ import shutil
 import sys
 import zlib
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,8 +51,8 @@ SHARD_TOKENS = 1 << 28  # at most 1 GiB of tokens per shard; a shard holds whole
 
 
 def _check_input(path):
-    problem = ("does not exist" if not os.path.isfile(path) else "is empty" if os.path.getsize(path) == 0 else
-               None if path.endswith((".jsonl", ".txt", ".parquet")) else "unsupported format; use .jsonl, .txt or .parquet")
+    problem = ("does not exist" if not os.path.isfile(path) else "is empty" if not os.path.getsize(path) else None
+               if path.endswith((".jsonl", ".txt", ".parquet")) else "unsupported format; use .jsonl, .txt or .parquet")
     if problem:
         raise DataError(f"input {path} {problem}")
 
@@ -178,11 +179,8 @@ def _check_shard(path, meta, n_tokens):
 
 
 def read_meta(folder):
-    path = os.path.join(folder, "meta.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    path = Path(folder, "meta.json")
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def prepare(source, inputs, out_dir, tokenizer="llama3", field=None, workers=None):
@@ -332,11 +330,10 @@ def resolve_mixture(data_dir, mixture, renormalize=False):
     """A preset, "a=0.7,b=0.3" or "@FILE" (mixing.py weights, RECIPE section 7) -> {prepared source: weight}, sum 1."""
     if mixture.startswith("@"):
         try:
-            with open(mixture[1:]) as f:
-                saved = json.load(f)
-            assert saved["format"] == WEIGHTS_FORMAT
-            mixture = ",".join(f"{n}={float(w)!r}" for n, w in saved["weights"].items() if w > 0)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError):
+            saved = json.loads(Path(mixture[1:]).read_text())
+            weights = {WEIGHTS_FORMAT: saved["weights"]}[saved["format"]]  # KeyError: another file's format
+            mixture = ",".join(f"{n}={float(w)!r}" for n, w in weights.items() if w > 0)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise DataError(f"--mixture {mixture}: not a weights file of `python mixing.py weights --json FILE`")
     if "=" in mixture:
         weights = {}
@@ -593,12 +590,10 @@ def main(argv=None):
             served, epochs = sampler.served, sampler.epochs()
             report = {name: {"tokens": served[name], "share": served[name] / sum(served.values()),
                              "weight": sampler.mixture[name], "epochs": epochs[name]} for name in sampler.names}
-            if args.json:
-                print(json.dumps(report, indent=1))
-                return
-            print(f"{'source':<26}{'tokens':>16}{'share':>9}{'weight':>9}{'epochs':>10}")
-            for name, r in report.items():
-                print(f"{name:<26}{r['tokens']:>16,}{r['share']:>9.2%}{r['weight']:>9.2%}{r['epochs']:>10.3f}")
+            table = [f"{'source':<26}{'tokens':>16}{'share':>9}{'weight':>9}{'epochs':>10}"] + [
+                f"{n:<26}{r['tokens']:>16,}{r['share']:>9.2%}{r['weight']:>9.2%}{r['epochs']:>10.3f}"
+                for n, r in report.items()]
+            print(json.dumps(report, indent=1) if args.json else "\n".join(table))
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
