@@ -103,7 +103,7 @@ def parse_args(argv):
     g = p.add_argument_group("data").add_argument
     g("--stage", default="pretrain", choices=["pretrain", "midtrain", "sft"], help="recipe stage (sets defaults)")
     g("--data", help="prepared data folder (python data.py prepare / toy)")
-    g("--mixture", help="preset name (e.g. pretrain-phase1) or NAME=WEIGHT,... pairs")
+    g("--mixture", help="preset name (e.g. pretrain-phase1), NAME=WEIGHT,... pairs, or @FILE of mixing.py weights")
     g("--renormalize", action="store_true", help="let a preset use only the sources that are prepared")
     g("--eval-data", help="held-out data folder for the eval loss (default: --data, another seed's rows)")
     g("--eval-mixture", help="mixture of --eval-data (default: --mixture)")
