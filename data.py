@@ -561,7 +561,7 @@ def parse_args(argv=None):
     p.add_argument("--no-trace", action="store_true", help="answers without the trace (the ablation: same problems)")
     p = sub.add_parser("mix", help="show what a mixture serves")
     p.add_argument("--data", default="data", help="data folder")
-    p.add_argument("--mixture", required=True, help=f"preset ({', '.join(PRESETS)}) , NAME=WEIGHT,... or @FILE (mixing.py)")
+    p.add_argument("--mixture", required=True, help=f"preset ({', '.join(PRESETS)}), NAME=WEIGHT,... or @FILE")
     p.add_argument("--rows", type=int, default=20_000, help="global rows to serve")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per row, plus one")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
