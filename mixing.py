@@ -283,7 +283,7 @@ def train_flags(args, mixture, out_dir, seed, steps, points=3, init_from=None, s
     flags = ["--stage", stage, "--data", args.data, "--mixture", mixture, "--max-steps", steps, "--seed", seed,
              "--out-dir", out_dir, "--batch-size", args.batch_size, "--seq-len", args.seq_len,
              "--total-batch-tokens", args.batch_size * args.seq_len, "--lr", lr or args.lr, "--warmup-steps",
-             min(args.warmup, steps // 4), "--save-every", max(1, steps // points), "--keep-last", points,
+             min(args.warmup, steps // 4), "--save-every", max(1, -(-steps // points)), "--keep-last", points,
              "--log-every", steps, "--eval-batches", 1, "--device", args.device]
     flags += ["--init-from", init_from] if init_from else ["--size", args.size]
     return [str(f) for f in flags]
