@@ -52,9 +52,12 @@ def atomic_save(obj, path):
             os.fsync(folder)  # the rename itself survives a power cut
         finally:
             os.close(folder)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError after the OSError
         tmp.unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1][:120]
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError) and not (isinstance(e, RuntimeError) and "enforce fail" in str(e)):
+            raise  # not a failed write: a bug
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else "write failed"
         raise CheckpointError(f"could not write {path} ({reason}): free disk space (or raise the file-size limit) "
                               "and continue with --resume from the previous checkpoint, which is intact")
 

@@ -398,6 +398,8 @@ def setup_run(args, rt):
                          "--out-dir (or delete it)")
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:  # records of an earlier start that was killed before its first checkpoint
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     if ckpt is not None:
         model = model_from_checkpoint(ckpt, ckpt_file)

@@ -89,10 +89,12 @@ def test_lr_schedule_warmup_and_decay_shapes():
 
 
 def test_stage_defaults_follow_the_recipe():
-    args = train.parse_args(["--stage", "sft", "--long-context", "--data", "d", "--out-dir", "o", "--init-from", "x"])
+    args = train.parse_args(["--stage", "sft", "--long-context", "--data", "d", "--out-dir", "o", "--init-from", "x",
+                             "--mixture", "general-sft"])
     assert (args.lr, args.warmup_steps, args.min_lr_ratio, args.weight_decay, args.seq_len) == (8e-5, 0.1, 0, 0, 32768)
     assert (args.beta2, args.epochs, args.max_steps, args.sft_loss) == (0.999, 4, None, "assistant")
-    args = train.parse_args(["--stage", "pretrain", "--size", "140m", "--data", "d", "--out-dir", "o", "--lr", "1e-3"])
+    args = train.parse_args(["--stage", "pretrain", "--size", "140m", "--data", "d", "--out-dir", "o", "--lr", "1e-3",
+                             "--mixture", "pretrain-phase1"])
     assert (args.lr, args.warmup_steps, args.min_lr_ratio, args.weight_decay) == (1e-3, 2000, 0.1, 0.1)
     assert args.beta2 == 0.95
     assert args.total_batch_tokens == 4 * 2**20  # 128 GPUs x 16 x 2048
@@ -116,14 +118,14 @@ def test_run_writes_checkpoint_metrics_and_log(corpus, tmp_path):
 
 
 def test_load_model_refuses_foreign_or_mismatched_files(corpus, tmp_path):
-    from model import ModelError
+    from checkpoint import CheckpointError
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
-    with pytest.raises(ModelError, match="foreign.pt"):
+    with pytest.raises(CheckpointError, match="foreign.pt"):
         train.load_model(tmp_path / "foreign.pt")
     (tmp_path / "ckpt_0000001.pt").write_bytes(b"truncated")
-    with pytest.raises(ModelError, match="ckpt_0000001.pt"):
+    with pytest.raises(CheckpointError, match="ckpt_0000001.pt"):
         train.load_model(tmp_path)
-    with pytest.raises(ModelError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         train.load_model(tmp_path / "nowhere")
 
 
@@ -333,13 +335,14 @@ def test_init_from_hugging_face_folder_equals_init_from_our_checkpoint(corpus, t
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--size", "huge"], "unknown model size"),
+    (["--size", "huge"], "invalid choice: 'huge'"),
     (["--mixture", "no-such-preset"], "unknown mixture"),
     (["--data", "/nonexistent/data"], "does not exist"),
     (["--total-batch-tokens", "300"], "not a multiple"),
     (["--size", None], "--size is required"),
-    (["--keep-last", "0"], "--keep-last must be at least 1"),
-    (["--epochs", "0"], "--epochs must be positive"),
+    (["--keep-last", "0"], "--keep-last: must be >= 1"),
+    (["--epochs", "0"], "--epochs: must be > 0"),
+    (["--mixture", None], "--mixture"),
 ])
 def test_bad_input_is_one_line_exit_2(corpus, tmp_path, capsys, flags, message):
     argv = [*TINY, "--data", corpus, "--mixture", "arith=1", "--max-steps", 1, "--out-dir", tmp_path / "r"]
