@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -567,6 +568,10 @@ def run_toy(rt):
     sample.main([str(f) for f in flags])
 
 
+# How gloo and NCCL report a peer that is gone: torch raises them as RuntimeError, not always as DistError.
+PEER_LOST = re.compile(r"connection (reset|closed|refused)|broken pipe|socket timeout|timed out|gloo|nccl", re.I)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     STOP["signal"] = None
@@ -587,8 +592,10 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:  # every rank fails alike: say it once
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except dist.DistError as e:  # a peer process died (killed, out of memory) or cannot be reached
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    except RuntimeError as e:  # a peer process died (killed, out of memory) or cannot be reached
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or PEER_LOST.search(str(e)))):
+            raise  # a bug
+        reason = re.sub(r"^\[[^]]*\] ", "", str(e).strip().splitlines()[0]).split(". ")[0][:120]
         print(f"error: rank {os.environ.get('RANK')}: another process of this torchrun job is gone ({reason}); "
               "stopping. The checkpoints in --out-dir are complete: continue with the same command + --resume",
               file=sys.stderr)
