@@ -200,18 +200,20 @@ def lr_at(step, args):
 
 
 def memory_estimate(model, args, device_type, teacher=None):
-    """Rough bytes per device: float32 weights and grads, AdamW's two moments, a teacher's weights, and
-    the activations kept for backward: 10 d_model + 4 ffn values per token per layer (measured with
-    saved_tensors_hooks on CPU in float32: within 7% for toy and 140m), counted at 2 bytes under bf16
-    autocast (a lower bound: the norms keep float32 copies); with --activation-checkpointing, the
-    block inputs plus one block."""
+    """Bytes per device at the peak of a step: float32 weights and grads, AdamW's two moments, a teacher's
+    weights, the loss's logits chunk (logits, probabilities, their gradient), and the activations kept for
+    backward: 12 d_model + 5 ffn values per token per layer, counted at 2 bytes under bf16 autocast (a lower
+    bound: the norms keep float32 copies). With --activation-checkpointing: the block inputs plus what 2.5
+    blocks hold (the recomputed one, its gradients, the allocator's leftovers). Fitted to the peak resident
+    memory of training processes on CPU in float32 (tests/test_train.py checks it at two model sizes)."""
     n, c = model.num_params(), model.config
     act_bytes = 2 if device_type == "cuda" else 4
     tokens = args.batch_size * args.seq_len
-    per_layer = tokens * (10 * c.d_model + 4 * c.ffn_dim) * act_bytes
-    acts = (tokens * c.d_model * act_bytes * c.n_layer + per_layer) if args.activation_checkpointing \
-        else per_layer * c.n_layer
-    parts = {"weights": 4 * n, "grads": 4 * n, "adamw": 8 * n, "activations": acts}
+    block = tokens * (12 * c.d_model + 5 * c.ffn_dim) * act_bytes
+    acts = tokens * c.d_model * act_bytes * c.n_layer + 2.5 * block if args.activation_checkpointing \
+        else block * c.n_layer
+    loss = 3 * 4 * c.vocab_size * min(tokens, max(1, kernels.LOSS_CHUNK_ELEMENTS // c.vocab_size))
+    parts = {"weights": 4 * n, "grads": 4 * n, "adamw": 8 * n, "activations": int(acts), "loss": loss}
     if teacher is not None:
         parts["teacher"] = teacher.num_params() * (2 if device_type == "cuda" else 4)
     return parts
@@ -408,7 +410,8 @@ def setup_run(args, rt):
         model.to(rt.device)
     else:
         model = build_model(args, rt, sampler.tokenizer)
-    if sampler.vocab_size > model.config.vocab_size:
+    hf_init = ckpt is None and (Path(args.init_from) / "config.json").is_file()  # its tokenizer: not by name
+    if sampler.vocab_size > model.config.vocab_size or hf_init and sampler.vocab_size != model.config.vocab_size:
         raise TrainError(f"--data {args.data} uses tokenizer {sampler.tokenizer!r} ({sampler.vocab_size} tokens), "
                          f"the model has {model.config.vocab_size}: prepare the data with the model's tokenizer")
     teacher = load_teacher(args, rt, model, sampler.tokenizer) if args.teacher else None

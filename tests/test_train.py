@@ -465,3 +465,82 @@ def test_distilling_from_a_llama_folder_equals_a_naive_kl(corpus, tmp_path, caps
     assert run(*argv[:-1], tmp_path / "mt-300") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "vocabulary of 300" in err and "\n" not in err
+
+
+def test_mismatched_parts_are_one_line_naming_both_sides(corpus, tmp_path, capsys):
+    """A run resumed at another size; a Hugging Face init or a teacher whose tokenizer is not the data's."""
+    assert pretrain(corpus, tmp_path / "pt", "--max-steps", 1) == 0
+    capsys.readouterr()
+    assert pretrain(corpus, tmp_path / "pt", "--max-steps", 1, "--resume", "--size", "toy-teacher") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--size toy, now toy-teacher" in err
+    wide = MobileLLM(ModelConfig(**dict(train.asdict(ModelConfig.from_size("toy")), vocab_size=300)))
+    wide.save_hf(tmp_path / "hf-300")
+    assert run(*TINY[2:], "--stage", "sft", "--init-from", tmp_path / "hf-300", "--data", corpus, "--mixture",
+               "arith-chat=1", "--max-steps", 1, "--out-dir", tmp_path / "sft") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "tokenizer 'toy' (272 tokens), the model has 300" in err
+    save_ours(MobileLLM(ModelConfig.from_size("toy")), tmp_path / "teacher", tokenizer="other")
+    assert run(*TINY, "--stage", "midtrain", "--teacher", tmp_path / "teacher", "--data", corpus, "--mixture",
+               "arith=1", "--max-steps", 1, "--out-dir", tmp_path / "mt") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "tokenizer 'other' but --data" in err and "uses 'toy'" in err
+
+
+def test_a_run_that_does_not_fit_in_memory_is_refused_unless_forced(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "available_memory", lambda device: 2**29)  # a machine with 0.5 GiB free
+    capsys.readouterr()
+    flags = [*TINY, "--data", corpus, "--mixture", "arith=1", "--max-steps", 1, "--seq-len", 1024,
+             "--batch-size", 16, "--total-batch-tokens", 16384]
+    assert run(*flags, "--out-dir", tmp_path / "r") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "needs about 1.3 GiB" in err and "has 0.5 GiB" in err
+    assert all(k in err for k in ("--batch-size 16", "--activation-checkpointing", "--seq-len 1024", "--force"))
+    assert not train.latest_checkpoint(tmp_path / "r")
+    monkeypatch.setattr(train, "available_memory", lambda device: 2**40)
+    assert run(*flags, "--max-steps", 1, "--batch-size", 1, "--total-batch-tokens", 1024,
+               "--out-dir", tmp_path / "fits") == 0
+
+
+# A training process that reports its resident memory before train.main and at its peak, and the estimate.
+MEASURE = """
+import json, os, resource, sys
+import torch
+torch.set_num_threads(1)
+import train
+seen, estimate = {}, train.memory_estimate
+train.memory_estimate = lambda *a, **k: seen.update(estimate(*a, **k)) or seen
+before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+train.main(sys.argv[1:])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"measured": peak - before, "estimate": sum(seen.values())}))
+"""
+MEMORY_TOLERANCE = 0.25  # the estimate is within 25% of the measured peak (the OOM refusal relies on it)
+
+
+def measured_and_estimated(data_dir, mixture, out, *flags):
+    res = subprocess.run([sys.executable, "-c", MEASURE, "--data", data_dir, "--mixture", mixture, "--out-dir", out,
+                          "--device", "cpu", "--max-steps", "1", "--eval-batches", "1", *map(str, flags)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout.splitlines()[-1])
+    return r["measured"], r["estimate"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads resident memory from /proc")
+@pytest.mark.parametrize("size, batch, checkpointing", [("toy", 8, False), ("toy-teacher", 4, False), ("toy", 8, True)])
+def test_memory_estimate_matches_the_measured_peak(corpus, tmp_path, size, batch, checkpointing):
+    flags = ["--size", size, "--seq-len", 1024, "--batch-size", batch, "--total-batch-tokens", 1024 * batch]
+    measured, estimate = measured_and_estimated(corpus, "arith=1", tmp_path / "r", *flags,
+                                                *["--activation-checkpointing"] * checkpointing)
+    assert abs(measured / estimate - 1) <= MEMORY_TOLERANCE, (measured / 2**20, estimate / 2**20)
+
+
+@pytest.mark.slow
+def test_memory_estimate_at_140m(tmp_path):
+    """The paper's smallest model (its 128k vocabulary, 15 layers) at a batch a CPU holds."""
+    write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(str(i * j) for j in range(300))} for i in range(400)])
+    data.prepare("text", [str(tmp_path / "text.jsonl")], str(tmp_path / "data"), tokenizer="llama3", workers=1)
+    measured, estimate = measured_and_estimated(tmp_path / "data", "text=1", tmp_path / "r", "--size", "140m",
+                                                "--seq-len", 512, "--batch-size", 2, "--total-batch-tokens", 1024)
+    assert abs(measured / estimate - 1) <= MEMORY_TOLERANCE, (measured / 2**20, estimate / 2**20)
