@@ -235,9 +235,9 @@ def check_memory(args, rt, model, teacher):
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     where = f"{ranks} processes on this CPU" if ranks > 1 else f"the {rt.device.type} device"
     raise TrainError(f"this run needs about {gib(sum(need.values()) * ranks)} (activations "
-                     f"{gib(need['activations'] * ranks)}) but {where} has {gib(has)}: lower --batch-size "
-                     f"{args.batch_size} (accumulation keeps the tokens per step), add --activation-checkpointing, "
-                     f"or lower --seq-len {args.seq_len}; --force starts anyway")
+                     f"{gib(need['activations'] * ranks)}) but {where} has {gib(has)}: lower --batch-size (now "
+                     f"{args.batch_size}; accumulation keeps the tokens per step), add --activation-checkpointing, "
+                     f"or lower --seq-len (now {args.seq_len}); --force starts anyway")
 
 
 def record_step(line):
