@@ -22,9 +22,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kernels import LOSS_CHUNK_ELEMENTS
+
 
 class DeviceError(Exception):
-    """A device was asked for that this machine does not have: one line naming the ones it has."""
+    """A device was asked for that this machine does not have (one line naming the ones it has), or a run
+    that does not fit in its memory."""
 
 
 def available_devices():
@@ -140,6 +143,47 @@ def available_memory(device):
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_estimate(model, args, device_type, teacher=None):
+    """Bytes per device at the peak of a step: float32 weights and grads, AdamW's two moments, a teacher's
+    weights, the loss's logits chunk (logits, probabilities, their gradient), and the activations kept for
+    backward: 12 d_model + 5 ffn values per token per layer, counted at 2 bytes under bf16 autocast (a lower
+    bound: the norms keep float32 copies). With --activation-checkpointing: the block inputs plus what 2.5
+    blocks hold (the recomputed one, its gradients, the allocator's leftovers). Fitted to the peak resident
+    memory of training processes on CPU in float32 (tests/test_train.py checks it at three model sizes)."""
+    n, c = model.num_params(), model.config
+    act_bytes = 2 if device_type == "cuda" else 4
+    tokens = args.batch_size * args.seq_len
+    block = tokens * (12 * c.d_model + 5 * c.ffn_dim) * act_bytes
+    acts = tokens * c.d_model * act_bytes * c.n_layer + 2.5 * block if args.activation_checkpointing \
+        else block * c.n_layer
+    loss = 3 * 4 * c.vocab_size * min(tokens, max(1, LOSS_CHUNK_ELEMENTS // c.vocab_size))
+    parts = {"weights": 4 * n, "grads": 4 * n, "adamw": 8 * n, "activations": int(acts), "loss": loss}
+    if teacher is not None:
+        parts["teacher"] = teacher.num_params() * (2 if device_type == "cuda" else 4)
+    return parts
+
+
+def check_memory(args, rt, model, teacher):
+    """Refuse a run whose estimate exceeds what the device has, before its first step: the kernel's OOM
+    killer would end it minutes later with nothing saved. --force starts it anyway."""
+    need = memory_estimate(model, args, rt.device.type, teacher)
+    free = available_memory(rt.device)
+    if free is None or args.force:
+        return
+    # The weights (and the teacher) are already on the device, so what it has for the run is free + those;
+    # ranks on one CPU share its RAM.
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if rt.device.type == "cpu" else 1
+    has = free + need["weights"] * ranks + need.get("teacher", 0) * ranks
+    if sum(need.values()) * ranks <= has:
+        return
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    where = f"{ranks} processes on this CPU" if ranks > 1 else f"the {rt.device.type} device"
+    raise DeviceError(f"this run needs about {gib(sum(need.values()) * ranks)} (activations "
+                     f"{gib(need['activations'] * ranks)}) but {where} has {gib(has)}: lower --batch-size (now "
+                     f"{args.batch_size}; accumulation keeps the tokens per step), add --activation-checkpointing, "
+                     f"or lower --seq-len (now {args.seq_len}); --force starts anyway")
 
 
 # -------------------------------------------------------------------------------------------------

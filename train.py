@@ -53,8 +53,8 @@ import data
 import kernels
 from checkpoint import (CheckpointError, check_same_run, latest_checkpoint, read_checkpoint, remove_partial_files,
                         save_checkpoint)
-from runtime import (ArgumentParser, DeviceError, Runtime, available_memory, device_name, model_or_tokenizer, number,
-                     path, peak_flops)
+from runtime import (ArgumentParser, DeviceError, Runtime, check_memory, device_name, memory_estimate,
+                     model_or_tokenizer, number, path, peak_flops)
 from tokenizer import TokenizerError
 import sample
 import toydata
@@ -197,47 +197,6 @@ def lr_at(step, args):
     progress = min(1.0, (step - warmup) / max(1, args.max_steps - warmup))
     shape = 1 - progress if args.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * shape)
-
-
-def memory_estimate(model, args, device_type, teacher=None):
-    """Bytes per device at the peak of a step: float32 weights and grads, AdamW's two moments, a teacher's
-    weights, the loss's logits chunk (logits, probabilities, their gradient), and the activations kept for
-    backward: 12 d_model + 5 ffn values per token per layer, counted at 2 bytes under bf16 autocast (a lower
-    bound: the norms keep float32 copies). With --activation-checkpointing: the block inputs plus what 2.5
-    blocks hold (the recomputed one, its gradients, the allocator's leftovers). Fitted to the peak resident
-    memory of training processes on CPU in float32 (tests/test_train.py checks it at two model sizes)."""
-    n, c = model.num_params(), model.config
-    act_bytes = 2 if device_type == "cuda" else 4
-    tokens = args.batch_size * args.seq_len
-    block = tokens * (12 * c.d_model + 5 * c.ffn_dim) * act_bytes
-    acts = tokens * c.d_model * act_bytes * c.n_layer + 2.5 * block if args.activation_checkpointing \
-        else block * c.n_layer
-    loss = 3 * 4 * c.vocab_size * min(tokens, max(1, kernels.LOSS_CHUNK_ELEMENTS // c.vocab_size))
-    parts = {"weights": 4 * n, "grads": 4 * n, "adamw": 8 * n, "activations": int(acts), "loss": loss}
-    if teacher is not None:
-        parts["teacher"] = teacher.num_params() * (2 if device_type == "cuda" else 4)
-    return parts
-
-
-def check_memory(args, rt, model, teacher):
-    """Refuse a run whose estimate exceeds what the device has, before its first step: the kernel's OOM
-    killer would end it minutes later with nothing saved. --force starts it anyway."""
-    need = memory_estimate(model, args, rt.device.type, teacher)
-    free = available_memory(rt.device)
-    if free is None or args.force:
-        return
-    # The weights (and the teacher) are already on the device, so what it has for the run is free + those;
-    # ranks on one CPU share its RAM.
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if rt.device.type == "cpu" else 1
-    has = free + need["weights"] * ranks + need.get("teacher", 0) * ranks
-    if sum(need.values()) * ranks <= has:
-        return
-    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
-    where = f"{ranks} processes on this CPU" if ranks > 1 else f"the {rt.device.type} device"
-    raise TrainError(f"this run needs about {gib(sum(need.values()) * ranks)} (activations "
-                     f"{gib(need['activations'] * ranks)}) but {where} has {gib(has)}: lower --batch-size (now "
-                     f"{args.batch_size}; accumulation keeps the tokens per step), add --activation-checkpointing, "
-                     f"or lower --seq-len (now {args.seq_len}); --force starts anyway")
 
 
 def record_step(line):
