@@ -481,15 +481,20 @@ def length_list(text):
 def parse_args(argv):
     p = ArgumentParser(description="ours vs the reference implementation: time and memory")
     p.add_argument("--quick", action="store_true", help="one repetition, fewer shapes (~2 minutes on 2 cores)")
-    p.add_argument("--only", type=checked(section_names, ValueError, "no-such-section"), help="comma-separated substrings: run the sections whose name contains one "
+    p.add_argument("--only", type=checked(section_names, ValueError, "no-such-section"),
+                   help="comma-separated substrings: run the sections whose name contains one "
                                   "(train 140m, train toy, generate 140m, attention, loss, sampler, cuda)")
     p.add_argument("--json", type=path("file"), help="also write the rows to this file as JSON")
-    p.add_argument("--threads", type=number(int, at_least=1), default=torch.get_num_threads(), help="torch CPU threads (default: torch's, here %(default)s)")
-    p.add_argument("--reps", type=number(int, at_least=1), help="timed repetitions per side (default 5, 1 with --quick)")
+    p.add_argument("--threads", type=number(int, at_least=1), default=torch.get_num_threads(),
+                   help="torch CPU threads (default: torch's, here %(default)s)")
+    p.add_argument("--reps", type=number(int, at_least=1),
+                   help="timed repetitions per side (default 5, 1 with --quick)")
     p.add_argument("--warmup", type=number(int, at_least=0), default=1, help="untimed calls per side first (default 1)")
-    p.add_argument("--lengths", type=checked(length_list, ValueError, "0,-1"), help="attention sequence lengths (default 1024,2048,4096; 1024,4096 with --quick)")
+    p.add_argument("--lengths", type=checked(length_list, ValueError, "0,-1"),
+                   help="attention sequence lengths (default 1024,2048,4096; 1024,4096 with --quick)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of each side")
-    p.add_argument("--memory-child", type=checked(json.loads, ValueError, "{"), help=argparse.SUPPRESS)  # internal: one memory measurement process
+    p.add_argument("--memory-child", type=checked(json.loads, ValueError, "{"),
+                   help=argparse.SUPPRESS)  # internal: one memory measurement process
     args = p.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 5)
     lengths = args.lengths or ("1024,4096" if args.quick else "1024,2048,4096")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from runtime import ArgumentParser, checked, matching, model_or_tokenizer, number, path
+from runtime import ArgumentParser, checked, matching, name_or_path, number, path
 from tokenizer import TokenizerError, bos_id, get_tokenizer, pad_id, render_chat
 
 
@@ -581,7 +581,7 @@ def parse_args(argv=None):
     p("--input", required=True, nargs="+", type=path("file", INPUT_SUFFIXES), help=".jsonl, .txt (one document per "
       "file) or .parquet files")
     p("--out", default="data", type=folder, help="data folder")
-    p("--tokenizer", default="llama3", type=model_or_tokenizer(["llama3", "toy"], ["tokenizer.json"], TOKENIZERS),
+    p("--tokenizer", default="llama3", type=name_or_path(["llama3", "toy"], ["tokenizer.json"], TOKENIZERS),
       help=TOKENIZERS)
     p("--field", default=None, help="jsonl/parquet field (default: text, content, raw_content, messages)")
     p("--workers", type=count, default=None, help="processes (default: one per CPU, at most one per file)")

@@ -21,7 +21,7 @@ import torch
 
 from checkpoint import CheckpointError
 from model import MobileLLM, ModelConfig, ModelError, load_model, rope_tables
-from runtime import ArgumentParser, model_or_tokenizer, path
+from runtime import ArgumentParser, name_or_path, path
 from tokenizer import TokenizerError, get_tokenizer, write_hf_tokenizer, bos_id, pad_id, stop_ids
 
 # Per model_type: what config.json means when it omits a field (transformers' defaults, except the
@@ -241,10 +241,11 @@ def parse_args(argv=None):
     commands = p.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write a complete Hugging Face folder: weights, config, generation "
                                  "config, tokenizer.json and tokenizer_config.json with the chat template")
-    export.add_argument("src", metavar="RUN_DIR", type=model_or_tokenizer([], ["ckpt_*.pt", "config.json"],
-                        "a run folder, ckpt_*.pt or Hugging Face folder"), help="run folder of ours (its newest checkpoint), a ckpt_*.pt file, "
-                        "or a Hugging Face folder")
-    export.add_argument("out", metavar="OUT_DIR", type=path("new"), help="a new or empty folder (or an earlier export, replaced)")
+    model = name_or_path([], ["ckpt_*.pt", "config.json"], "a run folder, ckpt_*.pt or Hugging Face folder")
+    export.add_argument("src", metavar="RUN_DIR", type=model, help="run folder of ours (its newest checkpoint), "
+                        "a ckpt_*.pt file, or a Hugging Face folder")
+    export.add_argument("out", metavar="OUT_DIR", type=path("new"),
+                        help="a new or empty folder (or an earlier export, replaced)")
     return p.parse_args(argv)
 
 

@@ -246,7 +246,7 @@ def path(kind, suffixes=()):
     return _checker(f"{kind} path", os.path.join(HERE, "runtime.py") if kind != "file" else HERE, check)
 
 
-def model_or_tokenizer(names, holds, what):
+def name_or_path(names, holds, what):
     """One of names, or a path that, if it exists, is a file or a folder holding one of the `holds`
     patterns (a checkpoint: ckpt_*.pt or config.json; a tokenizer: tokenizer.json)."""
     def check(text):

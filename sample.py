@@ -35,7 +35,7 @@ from data import DataError, read_jsonl
 from tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerError, get_tokenizer, render_chat, stop_ids
 from model import MobileLLM, ModelError, latest_checkpoint, load_model
 from checkpoint import CheckpointError
-from runtime import ArgumentParser, DeviceError, device_name, model_or_tokenizer, number, path, pick_device
+from runtime import ArgumentParser, DeviceError, device_name, name_or_path, number, path, pick_device
 
 DEFAULT_CKPT = "out/toy"  # where `python train.py` saves the toy run
 DEFAULT_EVAL = "data/toy/eval.jsonl"  # held-out problems written by `python data.py toy`
@@ -362,10 +362,11 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     count = number(int, at_least=1)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--ckpt", metavar="PATH", type=model_or_tokenizer([], ["ckpt_*.pt", "config.json"], "a run folder or ckpt_*.pt"),
+    source.add_argument("--ckpt", metavar="PATH",
+                        type=name_or_path([], ["ckpt_*.pt", "config.json"], "a run folder or ckpt_*.pt"),
                         help=f"run folder or ckpt_*.pt file of ours (default {DEFAULT_CKPT}; "
                         "the newest checkpoint of a folder is used)")
-    source.add_argument("--hf", metavar="DIR", type=model_or_tokenizer([], ["config.json"], "a Hugging Face folder"),
+    source.add_argument("--hf", metavar="DIR", type=name_or_path([], ["config.json"], "a Hugging Face folder"),
                         help="Hugging Face folder: config.json, *.safetensors, tokenizer.json")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--prompt", metavar="TEXT", help="answer one question, streaming the reply")
@@ -378,14 +379,16 @@ def parse_args(argv=None):
     p.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, metavar="TEXT", help="system prompt ('' for none)")
     p.add_argument("--temperature", type=number(float, at_least=0), default=0.0, metavar="T",
                    help=f"0 = greedy (default); the paper uses {PAPER_TEMPERATURE} for post-trained models")
-    p.add_argument("--top-p", type=number(float, above=0, at_most=1), default=None, metavar="P", help=f"nucleus sampling (paper: {PAPER_TOP_P})")
+    p.add_argument("--top-p", type=number(float, above=0, at_most=1), default=None, metavar="P",
+                   help=f"nucleus sampling (paper: {PAPER_TOP_P})")
     p.add_argument("--top-k", type=count, default=None, metavar="K", help="sample among the k most likely tokens")
     p.add_argument("--max-new-tokens", type=count, default=1024, metavar="N", help="per reply (capped by the context)")
     p.add_argument("--num-samples", type=count, default=1, metavar="N",
                    help="continuations per prompt, sampled in one batch after one prefill; pass@1 is averaged")
     p.add_argument("--batch-size", type=count, default=64, metavar="ROWS", help="rows generated at once when scoring")
     p.add_argument("--seed", type=number(int, at_least=0), default=0, help="seed for sampling")
-    p.add_argument("--device", default=None, metavar="NAME", type=device_name, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--device", default=None, metavar="NAME", type=device_name,
+                   help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--print-ids", action="store_true", help="also print prompt and generated token ids as JSON")

@@ -54,7 +54,7 @@ import kernels
 from checkpoint import (CheckpointError, check_same_run, latest_checkpoint, read_checkpoint, remove_partial_files,
                         save_checkpoint)
 from runtime import (ArgumentParser, DeviceError, Runtime, check_memory, device_name, memory_estimate,
-                     model_or_tokenizer, number, path, peak_flops)
+                     name_or_path, number, path, peak_flops)
 from tokenizer import TokenizerError
 import sample
 import toydata
@@ -100,17 +100,20 @@ def parse_args(argv):
                                 epilog=f"defaults per --stage (RECIPE section 4; sft-reasoning = sft --long-context):\n"
                                        f"{stages}", formatter_class=argparse.RawDescriptionHelpFormatter)
     count, positive, at_least_0 = number(int, at_least=1), number(float, above=0), number(float, at_least=0)
-    model_path = model_or_tokenizer(["scratch"], ["ckpt_*.pt", "config.json"], "a run folder, ckpt_*.pt or Hugging Face folder")
+    model_path = name_or_path(["scratch"], ["ckpt_*.pt", "config.json"],
+                                    "a run folder, ckpt_*.pt or Hugging Face folder")
     g = p.add_argument_group("model").add_argument
     g("--size", choices=list(SIZES), help="model size for --init-from scratch: toy, toy-teacher, 140m, 360m, 950m")
-    g("--init-from", default="scratch", type=model_path, help="scratch, our checkpoint (file or run folder), or a Hugging Face folder")
+    g("--init-from", default="scratch", type=model_path,
+      help="scratch, our checkpoint (file or run folder), or a Hugging Face folder")
     g("--long-context", action="store_true", help="reasoning SFT: rope theta x 8 and 32k context (RECIPE section 4)")
     g = p.add_argument_group("data").add_argument
     g("--stage", default="pretrain", choices=["pretrain", "midtrain", "sft"], help="recipe stage (sets defaults)")
     g("--data", type=path("dir"), help="prepared data folder (python data.py prepare / toy)")
     g("--mixture", type=data.mixture_arg, help="preset name (e.g. pretrain-phase1) or NAME=WEIGHT,... pairs")
     g("--renormalize", action="store_true", help="let a preset use only the sources that are prepared")
-    g("--eval-data", type=path("dir"), help="held-out data folder for the eval loss (default: --data, another seed's rows)")
+    g("--eval-data", type=path("dir"),
+      help="held-out data folder for the eval loss (default: --data, another seed's rows)")
     g("--eval-mixture", type=data.mixture_arg, help="mixture of --eval-data (default: --mixture)")
     g("--seq-len", type=count, help="tokens per sequence")
     # The official SFT (sft/sft.py: TRL SFTTrainer, RECIPE section 4.6) trains on every token of the conversation but
@@ -131,16 +134,19 @@ def parse_args(argv):
     g("--decay", default="linear", choices=["linear", "cosine"],
       help="decay shape after warmup (the official README says linear; the released code uses cosine)")
     g("--weight-decay", type=at_least_0, help="AdamW weight decay (never applied to norm weights)")
-    g("--beta2", type=number(float, at_least=0, below=1), help="AdamW beta2 (default per stage: 0.95 pre/mid-training, 0.999 SFT)")
+    g("--beta2", type=number(float, at_least=0, below=1),
+      help="AdamW beta2 (default per stage: 0.95 pre/mid-training, 0.999 SFT)")
     g = p.add_argument_group("distillation (--stage midtrain)").add_argument
-    g("--teacher", type=model_path, help="distillation teacher (our checkpoint or Hugging Face folder; same vocabulary)")
+    g("--teacher", type=model_path,
+      help="distillation teacher (our checkpoint or Hugging Face folder; same vocabulary)")
     g("--kd-temperature", type=positive, default=1.0, help="distillation temperature (loss scaled by T^2)")
     g("--kd-ce-weight", type=at_least_0, default=0.0, help="weight of plain cross-entropy added to the KD loss")
     g = p.add_argument_group("run folder").add_argument
     g("--out-dir", type=path("new"), help="run folder for checkpoints, log.txt and metrics.jsonl")
     g("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
     g("--log-every", type=count, default=10, help="steps between log lines and metrics.jsonl records")
-    g("--eval-every", type=number(int, at_least=0), default=0, help="steps between held-out eval losses (0: only at the end)")
+    g("--eval-every", type=number(int, at_least=0), default=0,
+      help="steps between held-out eval losses (0: only at the end)")
     g("--eval-batches", type=count, default=8, help="micro-batches per device in each eval")
     g("--save-every", type=count, default=1000, help="steps between checkpoints")
     g("--keep-last", type=count, default=3, help="checkpoints to keep in --out-dir")
@@ -156,7 +162,7 @@ def parse_args(argv):
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     if args.data is None or args.mixture is None or args.out_dir is None:
-        raise TrainError("--data, --mixture and --out-dir are required (or run `python train.py` alone for the toy run)")
+        raise TrainError("--data, --mixture and --out-dir are required (or `python train.py` alone for the toy run)")
     if args.init_from == "scratch" and args.size is None and not args.resume:
         raise TrainError("--size is required with --init-from scratch (toy, 140m, 360m, 950m)")
     if args.teacher and args.stage != "midtrain":
