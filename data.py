@@ -203,7 +203,10 @@ def read_meta(folder):
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError:
+            raise DataError(f"{path} is damaged: prepare the source {os.path.basename(folder)} again")
 
 
 def prepare(source, inputs, out_dir, tokenizer="llama3", field=None, workers=None):
@@ -628,6 +631,9 @@ def main(argv=None):
                 print(f"{name:<26}{r['tokens']:>16,}{r['share']:>9.2%}{r['weight']:>9.2%}{r['epochs']:>10.3f}")
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a full disk, a folder that is not writable: the environment, not a bug
+        print(f"error: {f'{e.filename}: {e.strerror}' if e.filename else f'{e}: is the disk full?'}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -25,7 +25,8 @@ meta-llama/Llama-3.1-8B-Instruct.)
 Multi-node, as in the paper (16 nodes x 8 GPUs), the same command on every node:
     torchrun --nnodes 16 --nproc_per_node 8 --node-rank $NODE_RANK --master-addr $MASTER_ADDR \
         --master-port 29500 train.py --size 950m --stage pretrain ...
-Continue a stopped run (Ctrl-C / SIGTERM save at the next step boundary): the same command + --resume.
+Continue a stopped run (Ctrl-C / SIGTERM save at the next step boundary): the same command + --resume. Also
+after a kill, a crash or a full disk: checkpoints are written atomically, a damaged newest one is skipped.
 """
 
 import argparse
@@ -559,6 +560,10 @@ def main(argv=None):
     except (ModelError, CheckpointError, data.DataError, TokenizerError, DeviceError, TrainError) as e:
         if int(os.environ.get("RANK", 0)) == 0:  # every rank fails alike: say it once
             print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the disk is full, a folder is not writable, ...: the environment, not a bug
+        where = f"{e.filename}: {e.strerror}" if e.filename else f"{e}: is the disk full?"
+        print(f"error: {where}; fix that and continue with --resume", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:  # a peer process died (killed, out of memory) or cannot be reached
         if not (dist.is_initialized() and (isinstance(e, dist.DistError) or PEER_LOST.search(str(e)))):
