@@ -145,10 +145,15 @@ def available_memory(device):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# What a training step holds beyond its tensors: the allocator's free-but-kept blocks and torch's work buffers
+# (measured on CPU: 80-100 MB whatever the model, from toy to 140m).
+RUNTIME_BUFFERS = 100 * 2**20
+
+
 def memory_estimate(model, args, device_type, teacher=None):
     """Bytes per device at the peak of a step: float32 weights and grads, AdamW's two moments, a teacher's
-    weights, the loss's logits chunk (logits, probabilities, their gradient), and the activations kept for
-    backward: 12 d_model + 5 ffn values per token per layer, counted at 2 bytes under bf16 autocast (a lower
+    weights, the loss's logits chunk (logits, probabilities, their gradient), RUNTIME_BUFFERS, and the
+    activations kept for backward: 12 d_model + 5 ffn values per token per layer, counted at 2 bytes under bf16 autocast (a lower
     bound: the norms keep float32 copies). With --activation-checkpointing: the block inputs plus what 2.5
     blocks hold (the recomputed one, its gradients, the allocator's leftovers). Fitted to the peak resident
     memory of training processes on CPU in float32 (tests/test_train.py checks it at three model sizes)."""
@@ -159,7 +164,8 @@ def memory_estimate(model, args, device_type, teacher=None):
     acts = tokens * c.d_model * act_bytes * c.n_layer + 2.5 * block if args.activation_checkpointing \
         else block * c.n_layer
     loss = 3 * 4 * c.vocab_size * min(tokens, max(1, LOSS_CHUNK_ELEMENTS // c.vocab_size))
-    parts = {"weights": 4 * n, "grads": 4 * n, "adamw": 8 * n, "activations": int(acts), "loss": loss}
+    parts = {"weights": 4 * n, "grads": 4 * n, "adamw": 8 * n, "activations": int(acts), "loss": loss,
+             "buffers": RUNTIME_BUFFERS}
     if teacher is not None:
         parts["teacher"] = teacher.num_params() * (2 if device_type == "cuda" else 4)
     return parts
