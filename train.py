@@ -360,13 +360,12 @@ def setup_run(args, rt):
             raise TrainError(f"--resume: no checkpoint in {out_dir}; drop --resume to start the run")
         ckpt, ckpt_file = read_checkpoint(out_dir, set_aside=rt.master)  # a damaged newest one: skipped, named
         check_same_run(ckpt["args"], args)
-        if rt.master:
-            remove_partial_files(out_dir)
     elif latest_checkpoint(out_dir) is not None:
         raise TrainError(f"{out_dir} already holds a run: add --resume to continue it, or choose another "
                          "--out-dir (or delete it)")
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_files(out_dir)  # of a save that was killed midway
         if ckpt is None:  # records of an earlier start that was killed before its first checkpoint
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
 

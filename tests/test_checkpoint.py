@@ -127,6 +127,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(corpus, referenc
 @pytest.mark.slow
 def test_sigkill_many_trials(corpus, reference, tmp_path):
     killed_at = kill_trials(corpus, reference, tmp_path, trials=12)
+    print(f"newest complete checkpoint after each kill (None: killed before the first): {killed_at}")
     assert len(set(killed_at)) >= 3, killed_at  # the kills landed at different points of the run
 
 
