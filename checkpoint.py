@@ -122,9 +122,12 @@ def remove_partial_files(run_dir):
 
 
 def check_same_run(saved, args):
-    """--resume continues the run in its folder only with the settings it was started with."""
+    """--resume continues the run in its folder only with the settings it was started with; a flag left
+    out (None) takes the run's value."""
     for k, v in vars(args).items():
-        if k not in RESUMABLE and saved.get(k) != v:
+        if v is None and saved.get(k) is not None:
+            setattr(args, k, saved[k])
+        elif k not in RESUMABLE and saved.get(k) != v:
             flag = "--" + k.replace("_", "-")
             raise CheckpointError(f"--resume: {args.out_dir} was trained with {flag} {saved.get(k)}, now {v}; "
                                   "resume with the same settings or use another --out-dir")

@@ -475,6 +475,8 @@ def test_mismatched_parts_are_one_line_naming_both_sides(corpus, tmp_path, capsy
     assert pretrain(corpus, tmp_path / "pt", "--max-steps", 1, "--resume", "--size", "toy-teacher") == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--size toy, now toy-teacher" in err
+    argv = [*TINY[2:], "--data", corpus, "--mixture", "arith=1", "--max-steps", 1, "--out-dir", tmp_path / "pt"]
+    assert run(*argv, "--resume") == 0  # --size left out: the run's
     wide = MobileLLM(ModelConfig(**dict(train.asdict(ModelConfig.from_size("toy")), vocab_size=300)))
     wide.save_hf(tmp_path / "hf-300")
     assert run(*TINY[2:], "--stage", "sft", "--init-from", tmp_path / "hf-300", "--data", corpus, "--mixture",
