@@ -449,12 +449,12 @@ def print_goals(rows):
 def section_names(text):
     names = [name for name, _ in sections(None)]
     if not any(w.strip() in name for w in text.split(",") if w.strip() for name in names):
-        raise ValueError(f"--only {text!r} matches no section; sections: {', '.join(names)}")
+        raise ValueError(f"{text!r} matches no section; sections: {', '.join(names)}")
 
 
 def length_list(text):
     if not all(n.strip().isdigit() and int(n) > 0 for n in text.split(",")):
-        raise ValueError(f"--lengths {text!r}: give comma-separated positive integers, e.g. 1024,4096")
+        raise ValueError(f"{text!r}: give comma-separated positive integers, e.g. 1024,4096")
 
 
 def parse_args(argv):
