@@ -20,8 +20,6 @@ Inputs: .jsonl (field `text`, `content`, `raw_content`, or `messages` for chat; 
 """
 
 import argparse
-import codecs
-import importlib.util
 import json
 import math
 import multiprocessing
@@ -36,12 +34,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from inputs import INPUT_SUFFIXES, REPLACED, DataError, check_input, detect_field_and_kind, read_records
 from runtime import ArgumentParser, checked, matching, name_or_path, number, path
 from tokenizer import TokenizerError, bos_id, get_tokenizer, pad_id, render_chat
-
-
-class DataError(Exception):
-    """A problem the user caused (bad path, bad file, bad mixture); main() prints it as one line."""
 
 
 # -----------------------------------------------------------------------------
@@ -50,78 +45,7 @@ class DataError(Exception):
 MAGIC, VERSION, HEADER_BYTES = 250924945, 1, 64  # magic: the paper's arXiv id
 SHARD_TOKENS = 1 << 28  # at most 1 GiB of tokens per shard; a shard holds whole documents
 SOURCE_NAME, SOURCE_RULE = r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '-', '_' or '.'"
-INPUT_SUFFIXES, TOKENIZERS = (".jsonl", ".txt", ".parquet"), "llama3, toy, a tokenizer.model or a tokenizer.json folder"
-
-
-def _check_input(path):
-    if not os.path.isfile(path):
-        raise DataError(f"input {path} does not exist")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"input {path} is empty")
-    if not path.endswith(INPUT_SUFFIXES):
-        raise DataError(f"input {path}: unsupported format; use .jsonl, .txt or .parquet")
-    with open(path, "rb") as f:  # no text holds NUL bytes (JSON escapes them)
-        if not path.endswith(".parquet") and b"\0" in f.read(1 << 16):
-            raise DataError(f"input {path} is a binary file (it holds NUL bytes), not text: leave it out of --input")
-
-
-REPLACED = [0]  # bytes of the current input that were not UTF-8: replaced by U+FFFD, counted in prepare's summary
-
-
-def _count_replaced(err):
-    REPLACED[0] += err.end - err.start
-    return "\ufffd", err.end
-
-
-codecs.register_error("count-replace", _count_replaced)
-
-
-def read_jsonl(path):
-    if not os.path.isfile(path):
-        raise DataError(f"{path} does not exist")
-    with open(path, encoding="utf-8", errors="count-replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line")
-
-
-def _read_records(path, field):
-    """Yield (location, value) for every document of an input file."""
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8", errors="count-replace") as f:
-            yield path, f.read()
-    elif path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"reading {path} needs pyarrow: pip install pyarrow (or convert it to .jsonl)")
-        table = pq.read_table(path)
-        if field not in table.column_names:
-            raise DataError(f"{path} has no column '{field}' (columns: {table.column_names}); pick one with --field")
-        for row, value in enumerate(table.column(field).to_pylist()):
-            yield f"{path} row {row}", value
-    else:
-        for lineno, rec in read_jsonl(path):
-            if not isinstance(rec, dict) or field not in rec:
-                raise DataError(f"{path}:{lineno}: no field '{field}'; pick the document field with --field")
-            yield f"{path}:{lineno}", rec[field]
-
-
-def _detect_field_and_kind(path, field):
-    """Default field: the first of `text`, `content`, `raw_content` (the official loader's order, RECIPE section 4.4;
-    StarCoder has `content`) and `messages` that the first jsonl record, or the parquet schema, has; else `text`.
-    The kind follows the first value: a string is a text document, a list is a chat conversation."""
-    if field is None:
-        names = next(read_jsonl(path), (0, {}))[1] if path.endswith(".jsonl") else []
-        if path.endswith(".parquet") and importlib.util.find_spec("pyarrow"):  # else _read_records asks for it
-            import pyarrow.parquet as pq
-            names = pq.read_schema(path).names
-        field = next((f for f in ("text", "content", "raw_content", "messages") if f in names), "text")
-    value = next(_read_records(path, field), (None, None))[1]
-    return field, "chat" if isinstance(value, list) else "text"
+TOKENIZERS = "llama3, toy, a tokenizer.model or a tokenizer.json folder"
 
 
 class _ShardWriter:
@@ -161,7 +85,7 @@ def _tokenize_file(job):
     REPLACED[0] = 0
     enc = get_tokenizer(tokenizer)
     writer = _ShardWriter(prefix, enc, kind)
-    for loc, value in _read_records(path, field):
+    for loc, value in read_records(path, field):
         if kind == "text":
             if not isinstance(value, str):
                 raise DataError(f"{loc}: field '{field}' is not a string, but this source is text")
@@ -214,9 +138,9 @@ def prepare(source, inputs, out_dir, tokenizer="llama3", field=None, workers=Non
     if not re.fullmatch(SOURCE_NAME, source):
         raise DataError(f"source name {source!r}: use {SOURCE_RULE}")
     for path in inputs:
-        _check_input(path)
+        check_input(path)
     enc = get_tokenizer(tokenizer)
-    field, kind = _detect_field_and_kind(inputs[0], field)
+    field, kind = detect_field_and_kind(inputs[0], field)
     folder = os.path.join(out_dir, source)
     stamp = [{"path": os.path.abspath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
              for p, st in ((p, os.stat(p)) for p in inputs)]

@@ -31,7 +31,7 @@ from fractions import Fraction
 import torch
 from tqdm import tqdm
 
-from data import DataError, read_jsonl
+from inputs import DataError, read_jsonl
 from tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerError, get_tokenizer, render_chat, stop_ids
 from model import MobileLLM, ModelError, latest_checkpoint, load_model
 from checkpoint import CheckpointError
