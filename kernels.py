@@ -22,6 +22,8 @@ vocabulary makes logits the memory peak of a small model (4 bytes x 128,256 = 0.
 both compute logits a chunk of rows at a time and never hold more than one chunk. The backward
 recomputes each chunk's logits (recompute=True, the default), or, with recompute=False, the
 gradients are computed in the forward while the chunk is at hand and the backward only scales them.
+Under bf16 autocast their vocabulary-sized matmuls run in bf16 (as the reference's lm_head does);
+the softmax, the loss and the sums over chunks stay in float32.
 """
 import contextlib
 import functools
@@ -107,8 +109,9 @@ def fused_attention(q, k, v, causal=True, doc_ids=None, block_q=None, block_k=No
 
 
 def _float_math(method):
-    """Run a forward/backward with autocast off: autocast would turn our float32 tile and chunk
-    matmuls back into bfloat16, which is the precision the accumulators exist to avoid."""
+    """Run a forward/backward with autocast off: the kernels pick each matmul's dtype themselves
+    (attention tiles in float32; the loss's in autocast's dtype, read before this switches it off)
+    and keep every accumulator (softmax statistics, sums over tiles and chunks) in float32."""
     @functools.wraps(method)
     def run(ctx, x, *args):
         with torch.autocast(x.device.type, enabled=False):
@@ -275,22 +278,31 @@ class _FusedAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def _loss_and_grads(chunk_loss, hidden, weight, chunk_size, with_grads):
+def _loss_and_grads(chunk_loss, hidden, weight, chunk_size, with_grads, matmul_dtype):
     """Sum over rows of chunk_loss(logits, first_row, with_grads) -> (per-row loss, dloss/dlogits
     or None), one chunk of rows at a time so only chunk_size x V logits ever exist; with_grads also
-    returns the gradients of that sum for hidden and weight (weight's summed over chunks)."""
+    returns the gradients of that sum for hidden and weight (weight's summed over chunks).
+    matmul_dtype: float32 (exact), or bfloat16 under autocast: the three vocabulary-sized matmuls
+    then run in bf16 as autocast's lm_head would, while the softmax, the loss and the weight
+    gradient's sum over chunks stay in float32."""
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    w = weight.to(acc)  # one float32 copy of W for bf16 models: logits are never rounded to bf16
+    mm = matmul_dtype if matmul_dtype is not None else acc
+    w = weight.to(mm)  # one copy of W in the matmul dtype (float32 for bf16 weights without autocast)
     total = torch.zeros((), dtype=acc, device=hidden.device)
     grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if with_grads else None
-    grad_weight = torch.zeros_like(w) if with_grads else None
+    grad_weight = torch.zeros(w.shape, dtype=acc, device=w.device) if with_grads else None
     for c0 in range(0, len(hidden), chunk_size):
-        h = hidden[c0:c0 + chunk_size].to(acc)
-        rows, dlogits = chunk_loss(h @ w.T, c0, with_grads)
+        h = hidden[c0:c0 + chunk_size].to(mm)
+        rows, dlogits = chunk_loss((h @ w.T).to(acc), c0, with_grads)
         total += rows.sum()
         if with_grads:
-            grad_hidden[c0:c0 + chunk_size] = dlogits @ w
-            grad_weight.addmm_(dlogits.T, h)
+            if mm == acc:
+                grad_hidden[c0:c0 + chunk_size] = dlogits @ w
+                grad_weight.addmm_(dlogits.T, h)
+            else:
+                dlogits = dlogits.to(mm)
+                grad_hidden[c0:c0 + chunk_size] = dlogits @ w
+                grad_weight += dlogits.T @ h  # each chunk's part in bf16, their sum in float32
         del dlogits  # free this chunk before the next one is allocated
     return total, grad_hidden, grad_weight
 
@@ -303,10 +315,10 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     @_float_math
-    def forward(ctx, hidden, weight, chunk_loss, chunk_size, recompute, with_grads):
+    def forward(ctx, hidden, weight, chunk_loss, chunk_size, recompute, with_grads, matmul_dtype):
         total, grad_hidden, grad_weight = _loss_and_grads(
-            chunk_loss, hidden, weight, chunk_size, with_grads and not recompute)
-        ctx.setup = (chunk_loss, chunk_size, recompute, hidden.dtype, weight.dtype)
+            chunk_loss, hidden, weight, chunk_size, with_grads and not recompute, matmul_dtype)
+        ctx.setup = (chunk_loss, chunk_size, recompute, hidden.dtype, weight.dtype, matmul_dtype)
         if recompute:
             ctx.save_for_backward(hidden, weight)
         else:
@@ -317,23 +329,31 @@ class _ChunkedLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     @_float_math
     def backward(ctx, grad_total):
-        chunk_loss, chunk_size, recompute, hidden_dtype, weight_dtype = ctx.setup
+        chunk_loss, chunk_size, recompute, hidden_dtype, weight_dtype, matmul_dtype = ctx.setup
         if recompute:
             hidden, weight = ctx.saved_tensors
-            _, grad_hidden, grad_weight = _loss_and_grads(chunk_loss, hidden, weight, chunk_size, True)
+            _, grad_hidden, grad_weight = _loss_and_grads(chunk_loss, hidden, weight, chunk_size, True,
+                                                          matmul_dtype)
         else:
             if not hasattr(ctx, "grads"):
                 raise RuntimeError("a second backward through this loss needs recompute=True")
             grad_hidden, grad_weight = ctx.grads
             del ctx.grads  # scaled in place below: a second use would be wrong
         grad_hidden = grad_hidden.mul_(grad_total).to(hidden_dtype)
-        return grad_hidden, grad_weight.mul_(grad_total).to(weight_dtype), None, None, None, None
+        return grad_hidden, grad_weight.mul_(grad_total).to(weight_dtype), None, None, None, None, None
 
 
 def _chunked_loss(chunk_loss, hidden, weight, chunk_size, recompute):
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     chunk_size = chunk_size or max(1, LOSS_CHUNK_ELEMENTS // len(weight))
-    return _ChunkedLoss.apply(hidden, weight, chunk_loss, chunk_size, recompute, with_grads)
+    matmul_dtype = _autocast_dtype(hidden.device.type)
+    return _ChunkedLoss.apply(hidden, weight, chunk_loss, chunk_size, recompute, with_grads, matmul_dtype)
+
+
+def _autocast_dtype(device_type):
+    """Under autocast the loss matmuls take its dtype, as every other linear layer's do (the
+    reference's bf16 lm_head included); None: the inputs' precision, at least float32."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _reduce(total, count, reduction):
@@ -389,7 +409,8 @@ def distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
         select = mask.reshape(-1).nonzero().squeeze(1)
         hs, ht = hs[select], ht[select]
     acc = torch.promote_types(hs.dtype, torch.float32)
-    wt = teacher_weight.detach().to(acc)
+    mm = _autocast_dtype(hs.device.type) or acc  # the student's matmul dtype, so a copy still gives 0
+    wt = teacher_weight.detach().to(mm)
     tau = float(temperature)
 
     def log_softmax_(z):
@@ -399,7 +420,7 @@ def distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
     def chunk_loss(logits, c0, with_grad):
         # Both sides are computed the same way, so an identical student gives exactly 0.
         log_ps = log_softmax_(logits)
-        log_pt = log_softmax_(ht[c0:c0 + len(logits)].to(acc) @ wt.T)
+        log_pt = log_softmax_((ht[c0:c0 + len(logits)].to(mm) @ wt.T).to(acc))
         p_t = log_pt.exp()
         kl = (p_t * log_pt.sub_(log_ps)).sum(-1)
         # d(tau^2 KL)/d(student logits) = tau (p_student - p_teacher)

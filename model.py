@@ -227,6 +227,16 @@ class MobileLLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) casts weights; the rope tables stay float32 (bf16 cos/sin would
+        # be off by up to ~4e-3, position after position): recomputed on the new device.
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            c = self.config
+            self.rope_cos, self.rope_sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta,
+                                                       self.rope_cos.device, c.rope_scaling)
+        return self
+
     @staticmethod
     def _init_weights(module):
         # N(0, 0.02) for linear and embedding weights; norm weights start at 1 (RECIPE section 2).

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 import data
 import kernels
-from runtime import DeviceError, Runtime, peak_flops
+from runtime import DeviceError, Runtime, describe_dtype, peak_flops
 from tokenizer import TokenizerError
 import sample
 import toydata
@@ -141,6 +141,8 @@ def parse_args(argv):
     g("--keep-last", type=int, default=3, help="checkpoints to keep in --out-dir")
     g = p.add_argument_group("performance").add_argument
     g("--device", default="auto", help="auto, cuda, mps or cpu")
+    g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+      help="bfloat16: autocast, float32 weights and AdamW; auto: bf16 on CUDA and CPUs with AMX/AVX512-BF16")
     g("--batch-size", type=int, help="sequences per device per micro-step (gradient accumulation fills the rest)")
     g("--compile", action="store_true", help="torch.compile the model")
     g("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
@@ -165,7 +167,7 @@ def parse_args(argv):
 
 
 # Flags that may differ when resuming: they change how the run executes, not what it computes.
-RESUMABLE = {"resume", "out_dir", "device", "compile", "activation_checkpointing", "batch_size",
+RESUMABLE = {"resume", "out_dir", "device", "dtype", "compile", "activation_checkpointing", "batch_size",
              "log_every", "eval_every", "eval_batches", "save_every", "keep_last", "init_from"}
 
 
@@ -204,21 +206,21 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * shape)
 
 
-def memory_estimate(model, args, device_type, teacher=None):
+def memory_estimate(model, args, dtype, teacher=None):
     """Rough bytes per device: float32 weights and grads, AdamW's two moments, a teacher's weights, and
     the activations kept for backward: 10 d_model + 4 ffn values per token per layer (measured with
     saved_tensors_hooks on CPU in float32: within 7% for toy and 140m), counted at 2 bytes under bf16
     autocast (a lower bound: the norms keep float32 copies); with --activation-checkpointing, the
     block inputs plus one block."""
     n, c = model.num_params(), model.config
-    act_bytes = 2 if device_type == "cuda" else 4
+    act_bytes = 2 if dtype == torch.bfloat16 else 4
     tokens = args.batch_size * args.seq_len
     per_layer = tokens * (10 * c.d_model + 4 * c.ffn_dim) * act_bytes
     acts = (tokens * c.d_model * act_bytes * c.n_layer + per_layer) if args.activation_checkpointing \
         else per_layer * c.n_layer
     parts = {"weights": 4 * n, "grads": 4 * n, "adamw": 8 * n, "activations": acts}
     if teacher is not None:
-        parts["teacher"] = teacher.num_params() * (2 if device_type == "cuda" else 4)
+        parts["teacher"] = teacher.num_params() * act_bytes
     return parts
 
 
@@ -275,10 +277,9 @@ def build_model(args, rt, tokenizer):
 
 
 def load_teacher(args, rt, student):
-    # Inference only: bf16 on CUDA, read straight into that dtype on the device (an 8B Llama-3.1 teacher,
-    # RECIPE section 4.5, takes its 16 GB once), no grads, kept out of the optimizer, DDP and the checkpoint.
-    dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-    teacher, _, meta = load_model(args.teacher, rt.device, dtype)
+    # Inference only, in the run's dtype (bf16: read straight into it, so an 8B Llama-3.1 teacher, RECIPE
+    # section 4.5, takes its 16 GB once), no grads, kept out of the optimizer, DDP and the checkpoint.
+    teacher, _, meta = load_model(args.teacher, rt.device, rt.dtype)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise TrainError(f"--teacher {args.teacher} has a vocabulary of {teacher.config.vocab_size}, the "
                          f"student {student.config.vocab_size}: logit distillation needs the same tokenizer")
@@ -356,7 +357,7 @@ def eval_loss(rt, model, sampler, start_state, n_batches):
 
 def log_header(log, args, rt, model, teacher, accum, step):
     """Top of log.txt: what runs, with which software, on what, and whether it fits in memory."""
-    mem = memory_estimate(model, args, rt.device.type, teacher)
+    mem = memory_estimate(model, args, rt.dtype, teacher)
     hw = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or platform.machine()
     log(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume at step %d' % step if step else 'start'}")
     log(f"command: {' '.join(sys.argv)}")
@@ -364,6 +365,7 @@ def log_header(log, args, rt, model, teacher, accum, step):
     log("model: " + json.dumps(asdict(model.config)))
     log(f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
     log(f"hardware: {rt.world_size} x {rt.device.type} ({hw}), {os.cpu_count()} CPUs, {platform.platform()}")
+    log(describe_dtype(rt.dtype, rt.dtype_reason))
     log(f"params {model.num_params():,} | tokens/step {args.total_batch_tokens:,} = {args.batch_size} seq x "
         f"{args.seq_len} x {rt.world_size} proc x {accum} accum | steps {args.max_steps:,} | memory/device est. "
         + " + ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.items()) + f" = {sum(mem.values()) / 2**30:.2f} GiB")
@@ -557,7 +559,8 @@ def run_toy(rt):
     print(f"\ntoy training done in {(time.time() - t_start) / 60:.1f} min; model in {out}/")
     # Scored exactly as `python sample.py --eval N` scores it: greedy, last \boxed{} (RECIPE section 6).
     flags = ["--ckpt", out, "--eval", toydata.TOY_RUN["eval_problems"], "--eval-file", data_dir / "eval.jsonl",
-             "--max-new-tokens", toydata.TOY_RUN["max_new_tokens"], "--device", str(rt.device)]
+             "--max-new-tokens", toydata.TOY_RUN["max_new_tokens"], "--device", str(rt.device),
+             "--dtype", str(rt.dtype).removeprefix("torch.")]
     print(f"== python sample.py {' '.join(map(str, flags))}")
     sample.main([str(f) for f in flags])
 
@@ -573,7 +576,7 @@ def main(argv=None):
             run_toy(Runtime())
         else:
             args = parse_args(argv)
-            train(args, Runtime(args.device))
+            train(args, Runtime(args.device, args.dtype))
         if dist.is_initialized():
             # every rank done (rank 0 may still be writing the last checkpoint) before the process group
             # goes: a rank tearing gloo down while its peer is mid-collective can abort (SIGABRT)
