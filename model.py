@@ -100,7 +100,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rms_norm(x, self.eps) * self.weight
+        y = rms_norm(x, self.eps) * self.weight
+        device = y.device.type
+        if torch.is_autocast_enabled(device):
+            # every consumer is a projection in autocast's dtype: cast once here, not once per matmul
+            y = y.to(torch.get_autocast_dtype(device))
+        return y
 
 
 def rope_tables(head_dim, max_seq_len, theta, device=None, scaling=None):
@@ -126,17 +131,17 @@ def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, origina
 
 
 def apply_rope(x, cos, sin, interleaved=True):
-    """RoPE, in float32. x: (B, T, H, D); cos, sin: (T, D/2). Interleaved (MobileLLM-R1): dims (2i, 2i+1)
-    form one complex number rotated by angle i; the split-halves (rotate_half) form would not match
-    the released weights, but it is Llama 3's: dims i and i + D/2 form the pair."""
+    """RoPE, computed and returned in float32. x: (B, T, H, D); cos, sin: (T, D/2). Interleaved
+    (MobileLLM-R1): dims (2i, 2i+1) form one complex number, multiplied by cos + i sin of angle i;
+    one complex multiply is the same arithmetic as the four real ones, in one kernel. The
+    split-halves (rotate_half) form would not match the released weights, but it is Llama 3's:
+    dims i and i + D/2 form the pair."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     if not interleaved:
         first, second = x.float().chunk(2, dim=-1)
-        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).type_as(x)
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
 
 
 class KVCache:
@@ -179,7 +184,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         if self.qk_norm:  # after RoPE, the weightless QK-norm (RMS over each head's dims), as in the reference
-            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
+            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)  # float32 in: no rounding in between
+        q, k = q.to(v.dtype), k.to(v.dtype)  # v's dtype: the projections' (bf16 under autocast)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
