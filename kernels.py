@@ -14,7 +14,8 @@ attention(q, k, v, causal, doc_ids) is the one entry point model.py uses. Two ba
   ~1/8 of the causal tiles hold work, which is where the speed-up over masked SDPA comes from.
   The live pairs that lie on one tile diagonal are computed together in one batched matmul, so the
   Python loop runs over diagonals, not pairs: few large ops, which small CPUs and GPUs both need.
-The automatic choice sends document masks to "fused" and everything else to "sdpa";
+The automatic choice sends document masks over more than SDPA_MASK_MAX_KEYS keys to "fused" and
+everything else to "sdpa" (short rows: a dense mask is small, and torch's kernel beats the tile loop);
 set_backend(name) / use_backend(name) force one (tests, benchmarks, users).
 
 linear_cross_entropy and distill_loss fuse the output projection with the loss. A 128,256-token
@@ -46,6 +47,10 @@ LOSS_CHUNK_ELEMENTS = 2**25
 # scores of one batch (2^20 floats = 4 MB), so the temporary memory does not grow with T;
 # larger batches measured no faster.
 TILE_BATCH_ELEMENTS = 2**20
+# Up to this many keys, doc-masked attention goes to SDPA with a dense mask: on the 2-core CPU, fwd+bwd
+# at toy shapes with documents of 40-300 tokens, SDPA (float32) took 0.52x the fused kernel's time at
+# T = 256 and 0.63x at 512; at 1024 the fused kernel was ahead (0.74x) and at 2048 2x.
+SDPA_MASK_MAX_KEYS = 512
 
 _forced_backend = None
 
@@ -82,7 +87,8 @@ def attention(q, k, v, causal=True, doc_ids=None, backend=None):
         raise ValueError(f"attention: {T} queries but only {k.shape[2]} keys")
     if doc_ids is not None and tuple(doc_ids.shape) != (B, k.shape[2]):
         raise ValueError(f"doc_ids must be (B, S) = {(B, k.shape[2])}, got {tuple(doc_ids.shape)}")
-    name = backend or _forced_backend or ("fused" if doc_ids is not None else "sdpa")
+    long_masked = doc_ids is not None and k.shape[2] > SDPA_MASK_MAX_KEYS
+    name = backend or _forced_backend or ("fused" if long_masked else "sdpa")
     if name == "sdpa":
         return sdpa_attention(q, k, v, causal, doc_ids)
     if name == "fused":
@@ -100,7 +106,14 @@ def sdpa_attention(q, k, v, causal=True, doc_ids=None):
     docs = (doc_ids[:, None, S - T:], doc_ids[:, None]) if doc_ids is not None else ()
     whole = slice(0, 1)  # the whole sequence as one tile pair
     mask = _visible(whole, whole, T, S, T, S, causal, q.device, *docs)[0][:, None]  # (B, 1, T, S)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    # torch's CPU kernel with an explicit mask measured ~1.4x faster in float32 than in bf16 (toy
+    # shapes, T = 256..512), so bf16 inputs (autocast) are computed in float32 and cast back.
+    acc = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc), attn_mask=mask, enable_gqa=gqa)
+    return out.to(v.dtype)
 
 
 def fused_attention(q, k, v, causal=True, doc_ids=None, block_q=None, block_k=None):

@@ -187,18 +187,23 @@ def test_backend_switch_and_auto_choice(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "fused_attention", lambda *a: calls.append("fused"))
     monkeypatch.setattr(kernels, "sdpa_attention", lambda *a: calls.append("sdpa"))
+    monkeypatch.setattr(kernels, "SDPA_MASK_MAX_KEYS", 3)
     q, k, v = make_qkv(1, 2, 1, 4, 4, 8)
     doc_ids = torch.zeros(1, 4, dtype=torch.long)
     kernels.attention(q, k, v)
+    kernels.attention(q, k, v, doc_ids=doc_ids)  # 4 keys > 3: the tile loop
+    kernels.attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], doc_ids=doc_ids[:, :3])  # short: a dense mask
+    assert calls == ["sdpa", "fused", "sdpa"]
+    calls.clear()
     kernels.attention(q, k, v, doc_ids=doc_ids)
-    assert calls == ["sdpa", "fused"]
+    assert calls == ["fused"]
     with kernels.use_backend("sdpa"):
         kernels.attention(q, k, v, doc_ids=doc_ids)
         with kernels.use_backend("fused"):
             kernels.attention(q, k, v)
         kernels.attention(q, k, v, doc_ids=doc_ids, backend="fused")  # an explicit argument wins
     kernels.attention(q, k, v)
-    assert calls[2:] == ["sdpa", "fused", "fused", "sdpa"]
+    assert calls[1:] == ["sdpa", "fused", "fused", "sdpa"]
     kernels.set_backend("fused")
     try:
         kernels.attention(q, k, v)
