@@ -303,20 +303,23 @@ def _loss_and_grads(chunk_loss, hidden, weight, chunk_size, with_grads, matmul_d
     w = weight.to(mm)  # one copy of W in the matmul dtype (float32 for bf16 weights without autocast)
     total = torch.zeros((), dtype=acc, device=hidden.device)
     grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if with_grads else None
-    grad_weight = torch.zeros(w.shape, dtype=acc, device=w.device) if with_grads else None
+    grad_weight = None  # made by the first chunk's matmul: no V x d buffer of zeros to fill and add to
     for c0 in range(0, len(hidden), chunk_size):
         h = hidden[c0:c0 + chunk_size].to(mm)
         rows, dlogits = chunk_loss((h @ w.T).to(acc), c0, with_grads)
         total += rows.sum()
         if with_grads:
-            if mm == acc:
-                grad_hidden[c0:c0 + chunk_size] = dlogits @ w
+            dlogits = dlogits.to(mm)
+            grad_hidden[c0:c0 + chunk_size] = dlogits @ w
+            if grad_weight is None:
+                grad_weight = (dlogits.T @ h).to(acc)
+            elif mm == acc:
                 grad_weight.addmm_(dlogits.T, h)
             else:
-                dlogits = dlogits.to(mm)
-                grad_hidden[c0:c0 + chunk_size] = dlogits @ w
                 grad_weight += dlogits.T @ h  # each chunk's part in bf16, their sum in float32
         del dlogits  # free this chunk before the next one is allocated
+    if with_grads and grad_weight is None:  # no rows: zero gradients
+        grad_weight = torch.zeros(w.shape, dtype=acc, device=w.device)
     return total, grad_hidden, grad_weight
 
 
