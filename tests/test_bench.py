@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import bench
 
@@ -56,3 +57,32 @@ def test_bad_flags_exit_2_with_one_line():
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = run_bench("--lengths", "1k")
     assert proc.returncode == 2 and "--lengths" in proc.stderr
+
+
+def test_train_and_generate_rows_name_the_issue_goals(monkeypatch):
+    """The rows the README quotes, in-process at tiny shapes (the goals match on exact names)."""
+    import argparse
+    from model import ModelConfig
+    tiny = ModelConfig(vocab_size=64, n_layer=1, d_model=32, n_head=2, n_kv_head=1, head_dim=16, ffn_dim=64,
+                       max_seq_len=512)
+    monkeypatch.setattr(bench.ModelConfig, "from_size", staticmethod(lambda size: tiny))
+    monkeypatch.setattr(bench, "measure_memory", lambda kind, cases, side, threads: [{"peak": 2.0, "total": 4.0}])
+    monkeypatch.setattr(bench, "NEW_TOKENS", 3)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 1e9)
+    seen = []
+    real_autocast = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: seen.append(k.get("enabled", True)) or real_autocast(*a, **k))
+    args = argparse.Namespace(dtype="float32", profile=False, warmup=0, reps=1, threads=1)
+    rows = list(bench.bench_train("140m", args)) + list(bench.bench_generate(args))
+    names = [r["name"] for r in rows]
+    b, t = bench.TRAIN_SHAPES["140m"]
+    assert names == [f"train 140m {b}x{t} step time", f"train 140m {b}x{t} step time, both bf16",
+                     f"train 140m {b}x{t} peak memory (step)", f"train 140m {b}x{t} peak memory (total)",
+                     "generate 140m 64+3 greedy", "generate 140m 64+3 greedy, both bf16",
+                     "memory bandwidth (tensor copy)", "generate 140m 64+3 greedy memory-bandwidth utilisation"]
+    assert seen.count(True) >= 2 and False in seen  # the bf16 sides ran under autocast, the float32 ones not
+    gen, bw, use = rows[4], rows[6], rows[7]
+    weights = sum(p.numel() for p in bench.MobileLLM(tiny).parameters()) * 4  # float32 ours, tied once
+    assert weights < bench.bytes_per_token(bench.MobileLLM(tiny), tiny, 4) < 1.5 * weights
+    assert bw["ours"] == 1.0 and bw["reference"] is None
+    assert use["ours"] == pytest.approx(100 * bench.bytes_per_token(bench.MobileLLM(tiny), tiny, 4) * gen["ours"] / 1e9)
