@@ -76,7 +76,8 @@ def use_backend(name):
 
 def attention(q, k, v, causal=True, doc_ids=None, backend=None):
     """q (B, H, T, D), k and v (B, KV, S, D) with H a multiple of KV and S >= T: the queries are the
-    last T of the S positions (S > T with a KV cache). doc_ids (B, S) integer document ids of a
+    last T of the S positions (S > T with a KV cache). The output has v's dtype (q and k may be in
+    float32 straight from RoPE and QK-norm while v is a bf16 projection). doc_ids (B, S) integer document ids of a
     packed sequence: key j is visible to query i iff they share a document (and j <= i if causal).
     Returns (B, H, T, D). backend: "sdpa", "fused", or None (forced backend, else automatic)."""
     B, H, T, D = q.shape
@@ -99,21 +100,23 @@ def attention(q, k, v, causal=True, doc_ids=None, backend=None):
 def sdpa_attention(q, k, v, causal=True, doc_ids=None):
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    # SDPA's is_causal aligns the diagonal top-left, which is only right when T == S (or T == 1,
-    # where the last position sees everything); the KV-cache case needs an explicit offset mask.
-    if doc_ids is None and (not causal or T == S or T == 1):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=gqa)
-    docs = (doc_ids[:, None, S - T:], doc_ids[:, None]) if doc_ids is not None else ()
-    whole = slice(0, 1)  # the whole sequence as one tile pair
-    mask = _visible(whole, whole, T, S, T, S, causal, q.device, *docs)[0][:, None]  # (B, 1, T, S)
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    # torch's CPU kernel with an explicit mask measured ~1.4x faster in float32 than in bf16 (toy
-    # shapes, T = 256..512), so bf16 inputs (autocast) are computed in float32 and cast back.
-    acc = torch.promote_types(q.dtype, torch.float32)
-    with torch.autocast("cpu", enabled=False):
-        out = F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc), attn_mask=mask, enable_gqa=gqa)
-    return out.to(v.dtype)
+    # torch's CPU kernels measured faster in float32 than in bf16, fwd+bwd on the 2-core CPU (causal
+    # at toy shapes 0.71x the time, with a dense mask ~0.7x; equal at the 140m heads), so on a CPU
+    # bf16 inputs (autocast) are computed in float32 and the output cast back to v's dtype.
+    out_dtype = v.dtype
+    dtype = torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else out_dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        # SDPA's is_causal aligns the diagonal top-left, which is only right when T == S (or T == 1,
+        # where the last position sees everything); the KV-cache case needs an explicit offset mask.
+        if doc_ids is None and (not causal or T == S or T == 1):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=gqa)
+        else:
+            docs = (doc_ids[:, None, S - T:], doc_ids[:, None]) if doc_ids is not None else ()
+            whole = slice(0, 1)  # the whole sequence as one tile pair
+            mask = _visible(whole, whole, T, S, T, S, causal, q.device, *docs)[0][:, None]  # (B, 1, T, S)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return out.to(out_dtype)
 
 
 def fused_attention(q, k, v, causal=True, doc_ids=None, block_q=None, block_k=None):
@@ -255,7 +258,7 @@ class _FusedAttention(torch.autograd.Function):
             o[rows] = o[rows].mul_(alpha).add_(p @ vt[cols])
             m[rows] = m_new
         empty = l == 0  # a query that sees no key outputs 0 and passes no gradient
-        out = _from_tiles(o.div_(l.masked_fill(empty, 1.0)), H, T).to(q.dtype)
+        out = _from_tiles(o.div_(l.masked_fill(empty, 1.0)), H, T).to(v.dtype)
         lse = (m + l.log()).masked_fill_(empty, math.inf)  # +inf: exp(s - lse) = 0 in the backward
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.setup = (block_q, block_k, plan, hide)

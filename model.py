@@ -185,7 +185,6 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         if self.qk_norm:  # after RoPE, the weightless QK-norm (RMS over each head's dims), as in the reference
             q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)  # float32 in: no rounding in between
-        q, k = q.to(v.dtype), k.to(v.dtype)  # v's dtype: the projections' (bf16 under autocast)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
