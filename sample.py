@@ -31,10 +31,12 @@ from fractions import Fraction
 import torch
 from tqdm import tqdm
 
-from data import DataError, read_jsonl
+from inputs import DataError, read_jsonl
 from tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerError, get_tokenizer, render_chat, stop_ids
 from model import MobileLLM, ModelError, latest_checkpoint, load_model
-from runtime import DeviceError, describe_dtype, pick_device, pick_dtype
+from checkpoint import CheckpointError
+from runtime import ArgumentParser, DeviceError, describe_dtype, device_name, name_or_path, number, path, \
+    pick_device, pick_dtype
 
 DEFAULT_CKPT = "out/toy"  # where `python train.py` saves the toy run
 DEFAULT_EVAL = "data/toy/eval.jsonl"  # held-out problems written by `python data.py toy`
@@ -243,8 +245,11 @@ def load_eval_set(path):
     """A jsonl of {"question": str, "answer": str} records."""
     out = []
     for lineno, rec in read_jsonl(path):
-        if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
-            raise SampleError(f"{path}:{lineno}: an eval record needs 'question' and 'answer'")
+        missing = [k for k in ("question", "answer") if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            has = ", ".join(map(repr, rec)) if isinstance(rec, dict) else f"a JSON {type(rec).__name__}"
+            raise SampleError(f"{path}:{lineno}: an eval record needs 'question' and 'answer', this one lacks "
+                              f"{' and '.join(map(repr, missing))} (it has {has or 'no fields'})")
         out.append({"question": str(rec["question"]), "answer": str(rec["answer"])})
     return out
 
@@ -358,48 +363,42 @@ def run_chat(model, enc, args, color):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    count = number(int, at_least=1)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--ckpt", metavar="PATH", help=f"run folder or ckpt_*.pt file of ours (default {DEFAULT_CKPT}; "
+    source.add_argument("--ckpt", metavar="PATH",
+                        type=name_or_path([], ["ckpt_*.pt", "config.json"], "a run folder or ckpt_*.pt"),
+                        help=f"run folder or ckpt_*.pt file of ours (default {DEFAULT_CKPT}; "
                         "the newest checkpoint of a folder is used)")
-    source.add_argument("--hf", metavar="DIR", help="Hugging Face folder: config.json, *.safetensors, tokenizer.json")
+    source.add_argument("--hf", metavar="DIR", type=name_or_path([], ["config.json"], "a Hugging Face folder"),
+                        help="Hugging Face folder: config.json, *.safetensors, tokenizer.json")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--prompt", metavar="TEXT", help="answer one question, streaming the reply")
     mode.add_argument("--chat", action="store_true", help="interactive multi-turn conversation")
-    mode.add_argument("--eval", type=int, nargs="?", const=0, metavar="N",
+    mode.add_argument("--eval", type=number(int, at_least=0), nargs="?", const=0, metavar="N",
                       help="score N held-out problems (all when N is omitted or 0)")
-    p.add_argument("--eval-file", metavar="FILE.jsonl",
+    p.add_argument("--eval-file", metavar="FILE.jsonl", type=path("file", (".jsonl",)),
                    help=f"question/answer records to score, GSM8K-style '#### 42' answers accepted "
                         f"(default {DEFAULT_EVAL}; all of it unless --eval N)")
     p.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, metavar="TEXT", help="system prompt ('' for none)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+    p.add_argument("--temperature", type=number(float, at_least=0), default=0.0, metavar="T",
                    help=f"0 = greedy (default); the paper uses {PAPER_TEMPERATURE} for post-trained models")
-    p.add_argument("--top-p", type=float, default=None, metavar="P", help=f"nucleus sampling (paper: {PAPER_TOP_P})")
-    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the k most likely tokens")
-    p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N", help="per reply (capped by the context)")
-    p.add_argument("--num-samples", type=int, default=1, metavar="N",
+    p.add_argument("--top-p", type=number(float, above=0, at_most=1), default=None, metavar="P",
+                   help=f"nucleus sampling (paper: {PAPER_TOP_P})")
+    p.add_argument("--top-k", type=count, default=None, metavar="K", help="sample among the k most likely tokens")
+    p.add_argument("--max-new-tokens", type=count, default=1024, metavar="N", help="per reply (capped by the context)")
+    p.add_argument("--num-samples", type=count, default=1, metavar="N",
                    help="continuations per prompt, sampled in one batch after one prefill; pass@1 is averaged")
-    p.add_argument("--batch-size", type=int, default=64, metavar="ROWS", help="rows generated at once when scoring")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
-    p.add_argument("--device", default=None, metavar="NAME", help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--batch-size", type=count, default=64, metavar="ROWS", help="rows generated at once when scoring")
+    p.add_argument("--seed", type=number(int, at_least=0), default=0, help="seed for sampling")
+    p.add_argument("--device", default=None, metavar="NAME", type=device_name,
+                   help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights' dtype; auto: bfloat16 on CUDA and on CPUs with AMX / AVX512-BF16, else float32")
     p.add_argument("--print-ids", action="store_true", help="also print prompt and generated token ids as JSON")
     args = p.parse_args(argv)
-    checks = [
-        (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
-        (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
-        (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
-        (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.eval is None or args.eval >= 0, f"--eval N must be >= 0, got {args.eval}"),
-        (not (args.eval_file and (args.prompt is not None or args.chat)),
-         "--eval-file scores a file: use it alone or with --eval N, not with --prompt or --chat"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise SampleError(message)
+    if args.eval_file and (args.prompt is not None or args.chat):
+        p.error("--eval-file scores a file: use it alone or with --eval N, not with --prompt or --chat")
     return args
 
 
@@ -417,7 +416,7 @@ def main(argv=None):
             run_show(model, enc, eval_problems(args), args, color)
         else:
             run_eval(model, enc, eval_problems(args), args, color)
-    except (ModelError, DataError, TokenizerError, DeviceError, SampleError) as e:
+    except (ModelError, CheckpointError, DataError, TokenizerError, DeviceError, SampleError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C while a reply streams: stop quietly, as a shell command does
