@@ -469,3 +469,17 @@ def test_llama_3_1_8b_instruct_config_is_the_teacher(tmp_path):
     with torch.device("meta"):
         teacher = MobileLLM(config)
     assert teacher.num_params() == 8_030_261_248
+
+
+def test_single_bf16_row_linear_matches_the_matmul():
+    """Decoding one token with bf16 weights goes through torch.mv (model.linear): the same values."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(300, 64, generator=g).bfloat16(), torch.randn(1, 1, 64, generator=g).bfloat16()
+    with torch.no_grad():
+        out = model_module.linear(x, w)
+        assert out.shape == (1, 1, 300) and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), torch.nn.functional.linear(x, w).float(), atol=0.05, rtol=0.02)
+        rows = torch.randn(3, 64, generator=g).bfloat16()  # several rows: the matmul itself
+        assert torch.equal(model_module.linear(rows, w), torch.nn.functional.linear(rows, w))
+    xg = x.float().requires_grad_()  # with gradients: always the matmul (autograd, autocast)
+    assert torch.equal(model_module.linear(xg, w.float()), torch.nn.functional.linear(xg, w.float()))
