@@ -446,6 +446,23 @@ def bench_compile(args):
         gc.collect()
 
 
+def bench_mixing(args):
+    """mixing.py's scoring pass at 140m: per 2,048-token document, the gradient of the tied embedding (forward and
+    backward) and its benefit on one probe, as `mixing.py weights/filter` stream them. Documents/s; there is no
+    reference (the paper's code is unreleased)."""
+    import mixing
+    from runtime import Runtime
+    torch.manual_seed(0)
+    model = MobileLLM(ModelConfig.from_size("140m")).eval().requires_grad_(False)
+    params = [model.embed_tokens.weight.requires_grad_(True)]
+    rng = np.random.default_rng(0)
+    docs = [(rng.integers(0, model.config.vocab_size, 2049).astype(np.uint32), None) for _ in range(2)]
+    dirs, rt = [[torch.randn(params[0].numel())]], Runtime("cpu")
+    t = compare({"ours": lambda: mixing.benefits(model, params, dirs, docs, rt, mixing.tqdm(disable=True))},
+                "mixing", args)
+    yield row("mixing score 140m, 2k-token docs", len(docs) / t["ours"], None, "docs/s")
+
+
 def bench_cuda(args):
     """bf16 autocast training step on the GPU (float32 weights and AdamW state, as train.py runs),
     eager and torch.compile'd: tokens/s, MFU (against the GPU's dense bf16 peak) and peak memory."""
@@ -486,6 +503,7 @@ def sections(args):
         ("loss", lambda: bench_loss(args)),
         ("sampler", lambda: bench_sampler(args)),
         ("compile", lambda: bench_compile(args) if not args.quick or args.only else iter(())),
+        ("mixing", lambda: bench_mixing(args)),
         ("cuda", lambda: bench_cuda(args) if torch.cuda.is_available() else iter(())),
     ]
 
@@ -557,7 +575,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="one repetition, fewer shapes (~2 minutes on 2 cores)")
     p.add_argument("--only", type=checked(section_names, ValueError, "no-such-section"),
                    help="comma-separated substrings: run the sections whose name contains one "
-                                  "(train 140m, train toy, generate 140m, attention, loss, sampler, compile, cuda)")
+                                  "(train 140m, train toy, generate 140m, attention, loss, sampler, compile, mixing, cuda)")
     p.add_argument("--json", type=path("file"), help="also write the rows to this file as JSON")
     p.add_argument("--threads", type=number(int, at_least=1), default=torch.get_num_threads(),
                    help="torch CPU threads (default: torch's, here %(default)s)")
