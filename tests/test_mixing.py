@@ -183,8 +183,7 @@ def test_two_processes_give_the_weights_of_one(corpus, tmp_path):
             assert two[key][name] == pytest.approx(one[key][name], rel=1e-5, abs=1e-5 * abs(one["rho"]["good"]))
 
 
-def test_filter_keeps_positive_documents(corpus, tmp_path, monkeypatch):
-    monkeypatch.undo()  # the in-process scores in the dtype the mixing.py child picks (--dtype auto), not conftest's
+def test_filter_keeps_positive_documents(corpus, tmp_path):
     pool = tables()
     prepare(tmp_path, "pool", pool + [wrong(d) for d in pool] + toydata.off_task(random.Random(5), 20))
     ckpt = corpus / "run" / "ckpt_0000300.pt"
