@@ -94,6 +94,14 @@ def rms_norm(x, eps):
     return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
+def linear(x, weight):
+    """x @ weight.T. One bf16 row (decoding a token) goes through torch.mv: on the 2-core CPU 1.5-1.7x the
+    bytes/s of the matmul kernel at these shapes (which reads bf16 no faster than float32)."""
+    if x.dtype == weight.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
+        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -101,7 +109,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rms_norm(x, self.eps) * self.weight
+        y = rms_norm(x, self.eps) * self.weight
+        device = y.device.type
+        if torch.is_autocast_enabled(device):
+            # every consumer is a projection in autocast's dtype: cast once here, not once per matmul
+            y = y.to(torch.get_autocast_dtype(device))
+        return y
 
 
 def rope_tables(head_dim, max_seq_len, theta, device=None, scaling=None):
@@ -127,17 +140,17 @@ def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, origina
 
 
 def apply_rope(x, cos, sin, interleaved=True):
-    """RoPE, in float32. x: (B, T, H, D); cos, sin: (T, D/2). Interleaved (MobileLLM-R1): dims (2i, 2i+1)
-    form one complex number rotated by angle i; the split-halves (rotate_half) form would not match
-    the released weights, but it is Llama 3's: dims i and i + D/2 form the pair."""
+    """RoPE, computed and returned in float32. x: (B, T, H, D); cos, sin: (T, D/2). Interleaved
+    (MobileLLM-R1): dims (2i, 2i+1) form one complex number, multiplied by cos + i sin of angle i;
+    one complex multiply is the same arithmetic as the four real ones, in one kernel. The
+    split-halves (rotate_half) form would not match the released weights, but it is Llama 3's:
+    dims i and i + D/2 form the pair."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     if not interleaved:
         first, second = x.float().chunk(2, dim=-1)
-        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).type_as(x)
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
 
 
 class KVCache:
@@ -175,18 +188,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, doc_ids=None, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q = linear(x, self.q_proj.weight).view(B, T, self.n_head, self.head_dim)
+        k = linear(x, self.k_proj.weight).view(B, T, self.n_kv_head, self.head_dim)
+        v = linear(x, self.v_proj.weight).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         if self.qk_norm:  # after RoPE, the weightless QK-norm (RMS over each head's dims), as in the reference
-            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
+            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)  # float32 in: no rounding in between
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         # Query head j reads kv head j // (n_head / n_kv_head): kernels.attention handles the grouping.
         y = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return linear(y.transpose(1, 2).reshape(B, T, -1), self.o_proj.weight)
 
 
 class FeedForward(nn.Module):
@@ -197,7 +210,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return linear(F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight), self.down_proj.weight)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -227,6 +240,16 @@ class MobileLLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) casts weights; the rope tables stay float32 (bf16 cos/sin would
+        # be off by up to ~4e-3, position after position): recomputed on the new device.
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            c = self.config
+            self.rope_cos, self.rope_sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta,
+                                                       self.rope_cos.device, c.rope_scaling)
+        return self
 
     @staticmethod
     def _init_weights(module):
@@ -272,7 +295,7 @@ class MobileLLM(nn.Module):
 
     def head(self, h):
         """Hidden states -> logits: the tied output projection, logits = h @ E^T (RECIPE section 2)."""
-        return F.linear(h, self.lm_head_weight)
+        return linear(h, self.lm_head_weight)
 
     def forward(self, idx, targets=None, doc_ids=None, cache=None, last_only=False, return_logits=True,
                 loss_reduction="mean"):

@@ -35,7 +35,8 @@ from inputs import DataError, read_jsonl
 from tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerError, get_tokenizer, render_chat, stop_ids
 from model import MobileLLM, ModelError, latest_checkpoint, load_model
 from checkpoint import CheckpointError
-from runtime import ArgumentParser, DeviceError, device_name, name_or_path, number, path, pick_device
+from runtime import ArgumentParser, DeviceError, describe_dtype, device_name, name_or_path, number, path, \
+    pick_device, pick_dtype
 
 DEFAULT_CKPT = "out/toy"  # where `python train.py` saves the toy run
 DEFAULT_EVAL = "data/toy/eval.jsonl"  # held-out problems written by `python data.py toy`
@@ -55,8 +56,10 @@ class SampleError(Exception):
 
 def load(args, device):
     """(model, tokenizer) from --hf (a Hugging Face folder) or --ckpt (a run folder or file of ours)."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if args.dtype == "float16":
+        dtype, why = torch.float16, "asked for with --dtype"
+    else:  # auto: bf16 on CUDA and on CPUs with native bf16 (half the bytes read per token), else float32
+        dtype, why = pick_dtype(args.dtype, device)
     if args.hf:
         if os.path.isdir(args.hf) and not os.path.isfile(os.path.join(args.hf, "config.json")) and \
                 any(f.startswith("ckpt_") for f in os.listdir(args.hf)):
@@ -73,6 +76,7 @@ def load(args, device):
     if model.config.vocab_size < enc.n_vocab:
         raise SampleError(f"the tokenizer has {enc.n_vocab} tokens but the model only "
                           f"{model.config.vocab_size}: they do not belong together")
+    print(describe_dtype(dtype, why), file=sys.stderr)
     return model.to(dtype).eval(), enc
 
 
@@ -389,8 +393,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=number(int, at_least=0), default=0, help="seed for sampling")
     p.add_argument("--device", default=None, metavar="NAME", type=device_name,
                    help="cpu, cuda, cuda:1, mps (default: best available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights' dtype; auto: bfloat16 on CUDA and on CPUs with AMX / AVX512-BF16, else float32")
     p.add_argument("--print-ids", action="store_true", help="also print prompt and generated token ids as JSON")
     args = p.parse_args(argv)
     if args.eval_file and (args.prompt is not None or args.chat):

@@ -135,7 +135,9 @@ def test_sample_equal_to_the_probe_data_scores_positive(corpus):
     assert right > 0 and all(s > 0 for s in per_ckpt)
 
 
-@pytest.mark.xfail(strict=True, reason="measured: on these toy models the embedding-gradient benefit of the tables "
+# Not strict: the score sits near 0 and its sign follows the float summation order (the attention
+# backend of short packed rows moved it across 0).
+@pytest.mark.xfail(strict=False, reason="measured: on these toy models the embedding-gradient benefit of the tables "
                    "with wrong results is as positive as that of the right ones (shared format dominates)")
 def test_same_sample_with_wrong_answers_scores_negative(corpus):
     _, wrong_answers, _ = sign_scores(corpus)

@@ -72,7 +72,8 @@ def run_main(argv, capsys, stdin=None, monkeypatch=None):
 def expect_user_error(argv, capsys, needle):
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
-    err = capsys.readouterr().err.strip()
+    # the one error line; the start-up line naming the dtype (printed once the model loaded) aside
+    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("dtype "))
     assert e.value.code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
 
