@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import data
 import tokenizer
 import toydata
+import grading
 import sample
 from data import DataError
 
@@ -27,17 +28,6 @@ CONVERSATION = [{"role": "system", "content": tokenizer.DEFAULT_SYSTEM_PROMPT},
                 {"role": "assistant", "content": "<think>\n2+0=2\n1+3=4\n</think>\n\\boxed{42}"},
                 {"role": "user", "content": "And <|eot_id|> twice?"},
                 {"role": "assistant", "content": "\\boxed{84}"}]
-
-
-def test_extract_boxed_and_normalize_answer():
-    assert sample.extract_boxed("so \\boxed{1} and then \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
-    assert sample.extract_boxed("no answer") is None
-    assert sample.extract_boxed("\\boxed{12") is None
-    n = sample.normalize_answer
-    assert n("1,000") == n("1000") == n("1000.0") == n(" $1000$ ") == n("1 000")
-    assert n("0.5") == n("\\frac{1}{2}") == n("1/2") == n("\\dfrac{2}{4}")
-    assert n("-3") != n("3") and n("42") != n("4.2")
-    assert n("  x +   1 ") == "x + 1"
 
 
 def test_load_eval_set(tmp_path):
@@ -462,8 +452,8 @@ def test_write_toy_with_toydata(tmp_path):
     chats = [json.loads(line)["messages"] for line in open(os.path.join(raw, "toy-heldout-sft.jsonl"))]
     texts = [json.loads(line)["text"] for line in open(os.path.join(raw, "toy-heldout.jsonl"))]
     assert [m[1]["content"] for m in chats] == [t.split("\n")[0] for t in texts] == [r["question"] for r in evals]
-    assert [sample.extract_boxed(m[2]["content"]) for m in chats] == [r["answer"] for r in evals]
-    assert [sample.extract_boxed(t) for t in texts] == [r["answer"] for r in evals]
+    assert [grading.extract_answer(m[2]["content"]) for m in chats] == [r["answer"] for r in evals]
+    assert [grading.extract_answer(t) for t in texts] == [r["answer"] for r in evals]
     x, y, doc_ids = data.MixtureSampler(out, "toy-heldout-sft=1", seq_len=512, batch_size=4).next_batch()
     assert doc_ids is not None and (y != -100).any()
 
