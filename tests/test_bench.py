@@ -32,7 +32,7 @@ def test_attention_and_sampler_rows_and_json(tmp_path):
     for r in rows:
         assert r["ours"] > 0 and r["reference"] > 0, r
         assert r["ratio"] == pytest.approx(r["ours"] / r["reference"])
-        assert r["unit"] in ("s", "MB", "x", "tok/s")
+        assert r["unit"] in ("s", "MB", "x", "tok/s", "problems/s")
     assert "| ratio" in proc.stdout and names[0] in proc.stdout  # the table is printed too
 
 
@@ -56,3 +56,13 @@ def test_bad_flags_exit_2_with_one_line():
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = run_bench("--lengths", "1k")
     assert proc.returncode == 2 and "--lengths" in proc.stderr
+
+
+def test_eval_batched_row(tmp_path):
+    """The batched-evaluation row: problems/s of sample.py's batched path vs one prompt at a time."""
+    out = tmp_path / "bench.json"
+    proc = run_bench("--only", "eval batched", "--reps", "1", "--warmup", "0", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    (r,) = json.loads(out.read_text())
+    assert r["unit"] == "problems/s" and "batch 16 vs one at a time" in r["name"]
+    assert r["ours"] > 0 and r["reference"] > 0 and r["ratio"] == pytest.approx(r["ours"] / r["reference"])
