@@ -16,7 +16,8 @@ with gradients made in the forward, vs logits + F.cross_entropy), sampler (Mixtu
 nanoGPT's get_batch), cuda (bf16 tokens/s and MFU, eager and compiled; only when a GPU is present;
 python bench.py --only cuda), eval batched (sample.py's --eval-file path on the toy model: 32 prompts
 of 8 to 200 tokens, 128 new tokens each, batch 16 left-padded vs one at a time). ratio = ours /
-reference: below 1 is better for s and MB, above 1 for tokens/s and problems/s. A summary then says which goals each row meets.
+reference: below 1 is better for s and MB, above 1 for tokens/s and problems/s. A summary then says
+which goals each row meets.
 
 Peak memory on CPU: torch keeps no peak statistics for CPU tensors, so we ask the kernel. Each memory
 figure comes from a fresh child process (this file with --memory-child) started with
