@@ -50,9 +50,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+import hf
 import kernels
 from tokenizer import TokenizerError
-from model import MobileLLM, ModelConfig, ModelError
+from model import MobileLLM, ModelConfig, ModelError, adamw
 
 SIDES = ("ours", "reference")
 # (batch, seq) of the training step: 140m as fits a CPU, toy as train.py's toy preset
@@ -149,26 +150,12 @@ def row(name, ours, reference, unit):
 # The cases. Each builder returns {side: a call to measure} for the sides asked for; when both are
 # built, they share weights and inputs.
 
-def reference_model(config):
-    """transformers' Llama4ForCausalLM as the dense MobileLLM-R1 (RECIPE section 2), SDPA attention."""
-    import transformers
-    L = config.n_layer
-    hf = transformers.Llama4TextConfig(
-        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=L,
-        num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head, head_dim=config.head_dim,
-        intermediate_size=config.ffn_dim, intermediate_size_mlp=config.ffn_dim, rope_theta=config.rope_theta,
-        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps, moe_layers=[],
-        no_rope_layers=[1] * L, layer_types=["full_attention"] * L, tie_word_embeddings=True,
-        use_qk_norm=True, attn_implementation="sdpa")
-    return transformers.Llama4ForCausalLM(hf)
-
-
 def build_models(size, sides, device="cpu"):
     config = ModelConfig.from_size(size)
     torch.manual_seed(0)
     models = {}
     if "reference" in sides:
-        models["reference"] = reference_model(config).to(device)
+        models["reference"] = hf.reference_model(config).to(device)
     if "ours" in sides:
         models["ours"] = MobileLLM(config).to(device)
         if "reference" in models:  # same weights: HF names are ours with a "model." prefix
@@ -176,14 +163,6 @@ def build_models(size, sides, device="cpu"):
                      if k != "lm_head.weight"}
             models["ours"].load_state_dict(state, strict=False)  # rope tables are computed, not loaded
     return config, models
-
-
-def adamw(model, fused):
-    """AdamW, betas (0.9, 0.95), eps 1e-8, decay 0.1 on 2-D weights only (RECIPE section 4)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 def build_train(size, batch, seq, sides=SIDES, device="cpu", compile=False):
@@ -201,7 +180,7 @@ def build_train(size, batch, seq, sides=SIDES, device="cpu", compile=False):
             loss_of = lambda fwd=forward: fwd(idx, targets, return_logits=False)[1]
         else:
             # HF's Trainer defaults to optim="adamw_torch_fused" with torch >= 2.8 (also on CPU).
-            optimizer = adamw(model, fused=True)
+            optimizer = adamw(model, 1e-4, 0.1, device_type=device)  # the same AdamW as ours
             forward = torch.compile(model) if compile else model
             # labels are shifted inside (loss on T - 1 positions); no KV cache is kept in training
             loss_of = lambda fwd=forward: fwd(input_ids=idx, labels=idx, use_cache=False).loss

@@ -1,7 +1,7 @@
 """
-The data: uint32 token shards and the token-weighted MixtureSampler that serves training rows in
-the proportions of the paper's mixture tables (RECIPE section 5). Tokenizers and the chat format
-are in tokenizer.py, the toy corpus in toydata.py.
+The data: uint32 token shards and the token-weighted MixtureSampler that serves training rows in the
+proportions of the paper's mixture tables (RECIPE section 5). Tokenizers and the chat format are in
+tokenizer.py, the toy corpus in toydata.py.
 
     python data.py toy                                   # the embedded toy corpus -> data/toy
     python data.py prepare --source fineweb-edu --input shards/*.jsonl --out data --tokenizer llama3
@@ -13,10 +13,10 @@ Layout of a data folder: one folder per source, DIR/NAME/ holding
     shard_00000.mask ... chat sources only: one uint8 loss-mask byte per token (1 = supervised)
     docs.npy             int64 (n_docs, 3): shard number, first token, length of every document
     meta.json            tokenizer, vocab size, n_tokens, n_docs, kind "text"|"chat", inputs
-meta.json is written last and the folder is renamed into place, so a folder with a meta.json is
-complete. Every document starts with BOS (RECIPE section 4); chat conversations are rendered with
-render_chat. Input formats: .jsonl (one JSON object per line; the field `text`, `content`, `raw_content`, or
-`messages` for chat; --field picks another), .txt (the whole file is one document), .parquet (needs pyarrow).
+meta.json is written last and the folder renamed into place: a folder with a meta.json is complete.
+Every document starts with BOS (RECIPE section 4); chat conversations are rendered with render_chat.
+Inputs: .jsonl (field `text`, `content`, `raw_content`, or `messages` for chat; --field picks another),
+.txt (the whole file is one document), .parquet (needs pyarrow).
 """
 
 import argparse
@@ -272,8 +272,7 @@ class Source:
                 self.masks.append(np.memmap(path[:-4] + ".mask", dtype=np.uint8, mode="r", shape=(s["n_tokens"],)))
         self.docs = np.load(os.path.join(folder, "docs.npy"), mmap_mode="r")
         if len(self.docs) != meta["n_docs"]:
-            raise DataError(f"{folder}/docs.npy does not match meta.json; re-run `python data.py prepare "
-                            f"--source {self.name} ...`")
+            raise DataError(f"{folder}/docs.npy does not match meta.json; re-run `python data.py prepare --source ...`")
 
     def doc(self, d):
         shard, start, length = self.docs[d]
@@ -312,9 +311,8 @@ MIXTURE_TABLE = {
     "dolmino-math":              ("allenai/dolmino-mix-1124 Math", None, None, None, 11.63, 29.10),
     "nemotron-pretraining-code": ("nvidia/Nemotron-Pretraining-Code-v1", None, None, None, 20.69, 29.10),
     "nemotron-cc-math":          ("nvidia/Nemotron-CC-Math-v1", None, None, None, 3.45, 19.40),
-    "benchmark-train-sets":      ("train splits of mandarjoshi/trivia_qa rc, allenai/openbookqa main, openai/gsm8k "
-                                  "main, google/boolq, allenai/ai2_arc ARC-Easy, ARC-Challenge; NQ-open, PIQA (GitHub)",
-                                  None, None, None, 0.0, 0.97),
+    "benchmark-train-sets":      ("train splits of mandarjoshi/trivia_qa rc, allenai/openbookqa main, openai/gsm8k main, "
+                                  "google/boolq, allenai/ai2_arc, NQ-open, PIQA", None, None, None, 0.0, 0.97),
 }
 # Table: SFT data (RECIPE section 5.4): source: dataset, samples (official README; paper v1 Table 5: 3.2M / 802K /
 # 2.2M), preset. Under --epochs, train.py's SFT default, every source is served E times whatever the weights. The
@@ -544,7 +542,7 @@ class MixtureSampler:
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenize files into DIR/SOURCE")
@@ -566,7 +564,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--renormalize", action="store_true", help="drop sources that are not prepared, with a warning")
     p.add_argument("--json", action="store_true", help="print JSON")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         if args.command == "prepare":
             prepare(args.source, args.input, args.out, args.tokenizer, args.field, args.workers)
@@ -587,10 +589,10 @@ def main(argv=None):
                              "weight": sampler.mixture[name], "epochs": epochs[name]} for name in sampler.names}
             if args.json:
                 print(json.dumps(report, indent=1))
-            else:
-                print(f"{'source':<26}{'tokens':>16}{'share':>9}{'weight':>9}{'epochs':>10}")
-                for name, r in report.items():
-                    print(f"{name:<26}{r['tokens']:>16,}{r['share']:>9.2%}{r['weight']:>9.2%}{r['epochs']:>10.3f}")
+                return
+            print(f"{'source':<26}{'tokens':>16}{'share':>9}{'weight':>9}{'epochs':>10}")
+            for name, r in report.items():
+                print(f"{name:<26}{r['tokens']:>16,}{r['share']:>9.2%}{r['weight']:>9.2%}{r['epochs']:>10.3f}")
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -166,10 +166,9 @@ def load(path, device="cpu", dtype=None):
     return model
 
 
-def hf_config(model, enc=None):
-    """config.json for transformers' Llama4ForCausalLM (MobileLLM-R1's layout) or LlamaForCausalLM (rotate-half
-    RoPE without QK-norm, as Llama 3), with the tokenizer's bos / stop / pad ids when one is given."""
-    c = model.config
+def hf_config(c, enc=None, dtype=torch.float32):
+    """config.json of a ModelConfig for transformers' Llama4ForCausalLM (MobileLLM-R1's layout) or LlamaForCausalLM
+    (rotate-half RoPE without QK-norm, as Llama 3), with the tokenizer's bos / stop / pad ids when one is given."""
     if not c.rope_interleaved and c.qk_norm:
         raise ModelError("rotate-half RoPE with QK-norm has no Hugging Face class: it cannot be saved as one")
     rope = {"rope_type": "llama3", **c.rope_scaling} if c.rope_scaling else None
@@ -183,7 +182,7 @@ def hf_config(model, enc=None):
         "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "rope_scaling": rope,
         "rope_parameters": {"rope_theta": c.rope_theta, **(rope or {"rope_type": "default"})},
         "tie_word_embeddings": c.tie_embeddings, "attention_bias": False,
-        "torch_dtype": str(model.embed_tokens.weight.dtype).split(".")[-1], **ids,
+        "torch_dtype": str(dtype).split(".")[-1], **ids,
     }
     if not c.rope_interleaved:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False, **common}
@@ -193,6 +192,15 @@ def hf_config(model, enc=None):
             "no_rope_layers": [1] * L, "layer_types": ["full_attention"] * L, "attn_temperature_tuning": False,
             # llama.cpp reads "dense" from these, not from moe_layers: no MoE layer step (it refuses 0 experts)
             "num_local_experts": 1, "num_experts_per_tok": 1, "interleave_moe_layer_step": 0}
+
+
+def reference_model(c, attn_implementation="sdpa", **overrides):
+    """transformers' own model of a ModelConfig, randomly initialised: the numerical reference of the parity
+    tests and bench.py (transformers is a test-time dependency, imported here only)."""
+    import transformers
+    config = {**hf_config(c), **overrides}
+    cls = transformers.LlamaForCausalLM if config["model_type"] == "llama" else transformers.Llama4ForCausalLM
+    return cls(cls.config_class(**config, attn_implementation=attn_implementation))
 
 
 def save(model, path, tokenizer=None):
@@ -209,7 +217,7 @@ def save(model, path, tokenizer=None):
     path = os.path.abspath(path)
     if os.path.exists(path) and not (os.path.isdir(path) and set(os.listdir(path)) <= EXPORT_FILES):
         raise ModelError(f"{path} exists and holds other files: export into a new or empty folder")
-    config = hf_config(model, enc)
+    config = hf_config(model.config, enc, model.embed_tokens.weight.dtype)
     names = hf_names(model, config["model_type"])
     tensors = {names[k]: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     parent = os.path.dirname(path)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hf
 import model as model_module
 from model import MobileLLM, ModelConfig, ModelError
 
@@ -17,21 +18,9 @@ transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def hf_config(c):
-    """The dense Llama4TextConfig that is MobileLLM-R1 (RECIPE section 2)."""
-    L = c.n_layer
-    return transformers.Llama4TextConfig(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=L,
-        num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
-        intermediate_size=c.ffn_dim, intermediate_size_mlp=c.ffn_dim, rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, moe_layers=[],
-        no_rope_layers=[1] * L, layer_types=["full_attention"] * L, tie_word_embeddings=True,
-        use_qk_norm=True, attn_implementation="eager")
-
-
 def reference_model(c, seed):
     torch.manual_seed(seed)
-    ref = transformers.Llama4ForCausalLM(hf_config(c)).eval()
+    ref = hf.reference_model(c, attn_implementation="eager").eval()
     with torch.no_grad():  # non-trivial norm weights, so a missing or misplaced norm shows up
         for name, p in ref.named_parameters():
             if name.endswith("norm.weight"):

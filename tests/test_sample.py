@@ -16,6 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 import data
+import hf
 import tokenizer
 import sample
 from model import MobileLLM, ModelConfig
@@ -54,15 +55,10 @@ def hf_dir(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("hf")
     n_vocab = write_tokenizer_json(folder)
-    L = 2
-    config = transformers.Llama4TextConfig(
-        vocab_size=n_vocab, hidden_size=64, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, intermediate_size=128, intermediate_size_mlp=128, max_position_embeddings=256,
-        rope_theta=10000.0, moe_layers=[], no_rope_layers=[1] * L, layer_types=["full_attention"] * L,
-        tie_word_embeddings=True, use_qk_norm=True,
-        initializer_range=0.3)  # larger than 0.02 so greedy decoding varies instead of repeating one token
-    torch.manual_seed(0)
-    transformers.Llama4ForCausalLM(config).save_pretrained(folder)
+    c = ModelConfig(vocab_size=n_vocab, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, ffn_dim=128,
+                    max_seq_len=256, rope_theta=10000.0)
+    torch.manual_seed(0)  # initializer_range larger than 0.02 so greedy decoding varies instead of repeating a token
+    hf.reference_model(c, initializer_range=0.3).save_pretrained(folder)
     return folder
 
 
