@@ -289,6 +289,8 @@ def load_eval_set(path):
             raise SampleError(f"{path}:{lineno}: an eval record needs a question ({', '.join(QUESTION_KEYS)}) "
                               "and an 'answer' (or a MATH 'solution')")
         out.append({"question": str(question), "answer": str(answer)})
+    if not out:
+        raise SampleError(f"{path} holds no eval records: one JSON object per line")
     return out
 
 

@@ -144,6 +144,8 @@ def test_eval_records_of_math_gsm8k_and_aime(tmp_path, capsys):
     make_checkpoint(tmp_path / "run")
     path.write_text(json.dumps({"problem": "x", "answer_text": "1"}) + "\n")
     expect_user_error(["--ckpt", str(tmp_path / "run"), "--eval-file", str(path)], capsys, "eval.jsonl:1")
+    path.write_text("\n")
+    expect_user_error(["--ckpt", str(tmp_path / "run"), "--eval-file", str(path)], capsys, "no eval records")
 
 
 def test_protocols_set_prompt_and_sampling():
