@@ -52,8 +52,10 @@ import torch.nn.functional as F
 import data
 import hf
 import kernels
+from checkpoint import CheckpointError
 from tokenizer import TokenizerError
 from model import MobileLLM, ModelConfig, ModelError, adamw
+from runtime import ArgumentParser, checked, number, path
 
 SIDES = ("ours", "reference")
 # (batch, seq) of the training step: 140m as fits a CPU, toy as train.py's toy preset
@@ -475,27 +477,38 @@ def print_goals(rows):
                       f"reference {fmt(r['reference'])} {r['unit']})")
 
 
+def section_names(text):
+    names = [name for name, _ in sections(None)]
+    if not any(w.strip() in name for w in text.split(",") if w.strip() for name in names):
+        raise ValueError(f"{text!r} matches no section; sections: {', '.join(names)}")
+
+
+def length_list(text):
+    if not all(n.strip().isdigit() and int(n) > 0 for n in text.split(",")):
+        raise ValueError(f"{text!r}: give comma-separated positive integers, e.g. 1024,4096")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="ours vs the reference implementation: time and memory")
+    p = ArgumentParser(description="ours vs the reference implementation: time and memory")
     p.add_argument("--quick", action="store_true", help="one repetition, fewer shapes (~2 minutes on 2 cores)")
-    p.add_argument("--only", help="comma-separated substrings: run the sections whose name contains one "
+    p.add_argument("--only", type=checked(section_names, ValueError, "no-such-section"),
+                   help="comma-separated substrings: run the sections whose name contains one "
                                   "(train 140m, train toy, generate 140m, attention, loss, sampler, cuda)")
-    p.add_argument("--json", help="also write the rows to this file as JSON")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: torch's, here %(default)s)")
-    p.add_argument("--reps", type=int, help="timed repetitions per side (default 5, 1 with --quick)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per side first (default 1)")
-    p.add_argument("--lengths", help="attention sequence lengths (default 1024,2048,4096; 1024,4096 with --quick)")
+    p.add_argument("--json", type=path("file"), help="also write the rows to this file as JSON")
+    p.add_argument("--threads", type=number(int, at_least=1), default=torch.get_num_threads(),
+                   help="torch CPU threads (default: torch's, here %(default)s)")
+    p.add_argument("--reps", type=number(int, at_least=1),
+                   help="timed repetitions per side (default 5, 1 with --quick)")
+    p.add_argument("--warmup", type=number(int, at_least=0), default=1, help="untimed calls per side first (default 1)")
+    p.add_argument("--lengths", type=checked(length_list, ValueError, "0,-1"),
+                   help="attention sequence lengths (default 1024,2048,4096; 1024,4096 with --quick)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of each side")
-    p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory measurement process
+    p.add_argument("--memory-child", type=checked(json.loads, ValueError, "{"),
+                   help=argparse.SUPPRESS)  # internal: one memory measurement process
     args = p.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 5)
     lengths = args.lengths or ("1024,4096" if args.quick else "1024,2048,4096")
-    try:
-        args.lengths = [int(n) for n in lengths.split(",")]
-    except ValueError:
-        p.error(f"--lengths {lengths!r}: give comma-separated integers, e.g. 1024,4096")
-    if args.reps < 1 or args.warmup < 0 or args.threads < 1 or min(args.lengths) < 1:
-        p.error("--reps, --threads and --lengths must be positive, --warmup non-negative")
+    args.lengths = [int(n) for n in lengths.split(",")]
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its folder does not exist; create it or pick another path")
     args.loss_shapes = [TRAIN_SHAPES["140m"]] + ([] if args.quick else [(2, 1024)])
@@ -540,6 +553,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ModelError, data.DataError, TokenizerError) as e:
+    except (ModelError, CheckpointError, data.DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -20,7 +20,6 @@ Inputs: .jsonl (field `text`, `content`, `raw_content`, or `messages` for chat; 
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import multiprocessing
@@ -35,11 +34,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from inputs import INPUT_SUFFIXES, REPLACED, DataError, check_input, detect_field_and_kind, read_records
+from runtime import ArgumentParser, checked, matching, name_or_path, number, path
 from tokenizer import TokenizerError, bos_id, get_tokenizer, pad_id, render_chat
-
-
-class DataError(Exception):
-    """A problem the user caused (bad path, bad file, bad mixture); main() prints it as one line."""
 
 
 # -----------------------------------------------------------------------------
@@ -47,63 +44,8 @@ class DataError(Exception):
 
 MAGIC, VERSION, HEADER_BYTES = 250924945, 1, 64  # magic: the paper's arXiv id
 SHARD_TOKENS = 1 << 28  # at most 1 GiB of tokens per shard; a shard holds whole documents
-
-
-def _check_input(path):
-    if not os.path.isfile(path):
-        raise DataError(f"input {path} does not exist")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"input {path} is empty")
-    if not path.endswith((".jsonl", ".txt", ".parquet")):
-        raise DataError(f"input {path}: unsupported format; use .jsonl, .txt or .parquet")
-
-
-def read_jsonl(path):
-    if not os.path.isfile(path):
-        raise DataError(f"{path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line")
-
-
-def _read_records(path, field):
-    """Yield (location, value) for every document of an input file."""
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            yield path, f.read()
-    elif path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"reading {path} needs pyarrow: pip install pyarrow (or convert it to .jsonl)")
-        table = pq.read_table(path)
-        if field not in table.column_names:
-            raise DataError(f"{path} has no column '{field}' (columns: {table.column_names}); pick one with --field")
-        for row, value in enumerate(table.column(field).to_pylist()):
-            yield f"{path} row {row}", value
-    else:
-        for lineno, rec in read_jsonl(path):
-            if not isinstance(rec, dict) or field not in rec:
-                raise DataError(f"{path}:{lineno}: no field '{field}'; pick the document field with --field")
-            yield f"{path}:{lineno}", rec[field]
-
-
-def _detect_field_and_kind(path, field):
-    """Default field: the first of `text`, `content`, `raw_content` (the official loader's order, RECIPE section 4.4;
-    StarCoder has `content`) and `messages` that the first jsonl record, or the parquet schema, has; else `text`.
-    The kind follows the first value: a string is a text document, a list is a chat conversation."""
-    if field is None:
-        names = next(read_jsonl(path), (0, {}))[1] if path.endswith(".jsonl") else []
-        if path.endswith(".parquet") and importlib.util.find_spec("pyarrow"):  # else _read_records asks for it
-            import pyarrow.parquet as pq
-            names = pq.read_schema(path).names
-        field = next((f for f in ("text", "content", "raw_content", "messages") if f in names), "text")
-    value = next(_read_records(path, field), (None, None))[1]
-    return field, "chat" if isinstance(value, list) else "text"
+SOURCE_NAME, SOURCE_RULE = r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '-', '_' or '.'"
+TOKENIZERS = "llama3, toy, a tokenizer.model or a tokenizer.json folder"
 
 
 class _ShardWriter:
@@ -138,11 +80,12 @@ class _ShardWriter:
 
 
 def _tokenize_file(job):
-    """Worker: tokenize one input file into part files; returns [(part path, doc lengths)]."""
+    """Worker: tokenize one input file into part files; returns [(part path, doc lengths)], bytes replaced."""
     path, prefix, field, kind, tokenizer = job
+    REPLACED[0] = 0
     enc = get_tokenizer(tokenizer)
     writer = _ShardWriter(prefix, enc, kind)
-    for loc, value in _read_records(path, field):
+    for loc, value in read_records(path, field):
         if kind == "text":
             if not isinstance(value, str):
                 raise DataError(f"{loc}: field '{field}' is not a string, but this source is text")
@@ -157,7 +100,7 @@ def _tokenize_file(job):
     writer.close()
     if not writer.parts:
         raise DataError(f"input {path} holds no documents")
-    return writer.parts
+    return writer.parts, REPLACED[0]
 
 
 def _check_shard(path, meta, n_tokens):
@@ -184,17 +127,20 @@ def read_meta(folder):
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError:
+            raise DataError(f"{path} is damaged: prepare the source {os.path.basename(folder)} again")
 
 
 def prepare(source, inputs, out_dir, tokenizer="llama3", field=None, workers=None):
     """Tokenize input files into DIR/SOURCE; skips the work when the same inputs are already there."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", source):
-        raise DataError(f"source name {source!r}: use letters, digits, '-', '_' or '.'")
+    if not re.fullmatch(SOURCE_NAME, source):
+        raise DataError(f"source name {source!r}: use {SOURCE_RULE}")
     for path in inputs:
-        _check_input(path)
+        check_input(path)
     enc = get_tokenizer(tokenizer)
-    field, kind = _detect_field_and_kind(inputs[0], field)
+    field, kind = detect_field_and_kind(inputs[0], field)
     folder = os.path.join(out_dir, source)
     stamp = [{"path": os.path.abspath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
              for p, st in ((p, os.stat(p)) for p in inputs)]
@@ -221,11 +167,11 @@ def prepare(source, inputs, out_dir, tokenizer="llama3", field=None, workers=Non
         jobs = [(p, os.path.join(tmp, f"part_{i:05d}"), field, kind, tokenizer) for i, p in enumerate(inputs)]
         workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
         bar = tqdm(total=len(jobs), desc=f"prepare {source}", unit="file", disable=None)
-        parts = []
+        parts, replaced = [], 0
         # --workers 1 runs in this process (and keeps tests free of process start-up)
         with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:
-            for result in (pool.imap if pool else map)(_tokenize_file, jobs):  # input order: same for any --workers
-                parts += result
+            for result, bad in (pool.imap if pool else map)(_tokenize_file, jobs):  # input order: any --workers
+                parts, replaced = parts + result, replaced + bad
                 bar.update()
         bar.close()
         docs, shards = [], []
@@ -241,7 +187,7 @@ def prepare(source, inputs, out_dir, tokenizer="llama3", field=None, workers=Non
         np.save(os.path.join(tmp, "docs.npy"), docs)
         meta = dict(source=source, kind=kind, field=field, tokenizer=tokenizer, tokenizer_fingerprint=enc.fingerprint,
                     vocab_size=enc.n_vocab, bos_id=bos_id(enc), pad_id=pad_id(enc), n_tokens=int(docs[:, 2].sum()),
-                    n_docs=len(docs), format_version=VERSION, shards=shards, inputs=stamp)
+                    n_docs=len(docs), format_version=VERSION, shards=shards, inputs=stamp, replaced_bytes=replaced)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         if os.path.exists(folder):
@@ -251,7 +197,8 @@ def prepare(source, inputs, out_dir, tokenizer="llama3", field=None, workers=Non
         os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{folder}: {meta['n_docs']:,} {kind} documents, {meta['n_tokens']:,} tokens")
+    print(f"{folder}: {meta['n_docs']:,} {kind} documents, {meta['n_tokens']:,} tokens"
+          + (f"; {replaced:,} bytes that were not UTF-8 replaced by U+FFFD" if replaced else ""))
     return meta
 
 
@@ -329,8 +276,8 @@ PRESETS.update({p: {n: r[1] for n, r in SFT_TABLE.items() if r[2] == p} for p in
 PRESETS["toy"] = {"toy-traces": 0.9, "toy-facts": 0.1}  # not from the paper: the laptop run's sources (toydata.py)
 
 
-def resolve_mixture(data_dir, mixture, renormalize=False):
-    """A preset name or "a=0.7,b=0.3" -> {source: weight} over prepared sources, weights summing to 1."""
+def mixture_weights(mixture):
+    """A preset name or "a=0.7,b=0.3" -> {source: weight}, not yet normalised."""
     if "=" in mixture:
         weights = {}
         for item in mixture.split(","):
@@ -348,6 +295,15 @@ def resolve_mixture(data_dir, mixture, renormalize=False):
         weights = dict(PRESETS[mixture])
     else:
         raise DataError(f"unknown mixture {mixture!r}: use a preset ({', '.join(PRESETS)}) or NAME=WEIGHT,NAME=WEIGHT")
+    return weights
+
+# argparse type of the --mixture flags: the syntax checked before any work (an @FILE when it is read)
+mixture_arg = checked(lambda text: text.startswith("@") or mixture_weights(text), DataError, "no-such-preset")
+
+
+def resolve_mixture(data_dir, mixture, renormalize=False):
+    """A preset name or "a=0.7,b=0.3" -> {source: weight} over prepared sources, weights summing to 1."""
+    weights = mixture_weights(mixture)
     if not os.path.isdir(data_dir):
         raise DataError(f"data folder {data_dir} does not exist; prepare sources into it with `python data.py prepare`")
     missing = [name for name in weights if read_meta(os.path.join(data_dir, name)) is None]
@@ -543,27 +499,31 @@ class MixtureSampler:
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="tokenize files into DIR/SOURCE")
-    p.add_argument("--source", required=True, help="source name, e.g. fineweb-edu (the mixture tables' names)")
-    p.add_argument("--input", required=True, nargs="+", help=".jsonl, .txt (one document per file) or .parquet files")
-    p.add_argument("--out", default="data", help="data folder")
-    p.add_argument("--tokenizer", default="llama3", help="llama3, toy, a tokenizer.model, or a tokenizer.json folder")
-    p.add_argument("--field", default=None, help="jsonl/parquet field (default: text, content, raw_content, messages)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU, at most one per file)")
-    p = sub.add_parser("toy", help="write the embedded synthetic reasoning corpus")
-    p.add_argument("--out", default="data/toy", help="data folder")
-    p.add_argument("--seed", type=int, default=0, help="generator seed")
-    p.add_argument("--no-trace", action="store_true", help="answers without the trace (the ablation: same problems)")
-    p = sub.add_parser("mix", help="show what a mixture serves")
-    p.add_argument("--data", default="data", help="data folder")
-    p.add_argument("--mixture", required=True, help=f"preset ({', '.join(PRESETS)}) or NAME=WEIGHT,NAME=WEIGHT")
-    p.add_argument("--rows", type=int, default=20_000, help="global rows to serve")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per row, plus one")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed")
-    p.add_argument("--renormalize", action="store_true", help="drop sources that are not prepared, with a warning")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    count, seed, folder = number(int, at_least=1), number(int, at_least=0), path("new")
+    p = sub.add_parser("prepare", help="tokenize files into DIR/SOURCE").add_argument
+    p("--source", required=True, type=matching(SOURCE_NAME, SOURCE_RULE), help="source name, e.g. fineweb-edu (the "
+      "mixture tables' names)")
+    p("--input", required=True, nargs="+", type=path("file", INPUT_SUFFIXES), help=".jsonl, .txt (one document per "
+      "file) or .parquet files")
+    p("--out", default="data", type=folder, help="data folder")
+    p("--tokenizer", default="llama3", type=name_or_path(["llama3", "toy"], ["tokenizer.json"], TOKENIZERS),
+      help=TOKENIZERS)
+    p("--field", default=None, help="jsonl/parquet field (default: text, content, raw_content, messages)")
+    p("--workers", type=count, default=None, help="processes (default: one per CPU, at most one per file)")
+    p = sub.add_parser("toy", help="write the embedded synthetic reasoning corpus").add_argument
+    p("--out", default="data/toy", type=folder, help="data folder")
+    p("--seed", type=seed, default=0, help="generator seed")
+    p("--no-trace", action="store_true", help="answers without the trace (the ablation: same problems)")
+    p = sub.add_parser("mix", help="show what a mixture serves").add_argument
+    p("--data", default="data", type=path("dir"), help="data folder")
+    p("--mixture", required=True, type=mixture_arg, help=f"preset ({', '.join(PRESETS)}) or NAME=WEIGHT,NAME=WEIGHT")
+    p("--rows", type=count, default=20_000, help="global rows to serve")
+    p("--seq-len", type=count, default=2048, help="tokens per row, plus one")
+    p("--seed", type=seed, default=0, help="sampler seed")
+    p("--renormalize", action="store_true", help="drop sources that are not prepared, with a warning")
+    p("--json", action="store_true", help="print JSON")
     return parser.parse_args(argv)
 
 
@@ -595,6 +555,9 @@ def main(argv=None):
                 print(f"{name:<26}{r['tokens']:>16,}{r['share']:>9.2%}{r['weight']:>9.2%}{r['epochs']:>10.3f}")
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a full disk, a folder that is not writable: the environment, not a bug
+        print(f"error: {f'{e.filename}: {e.strerror}' if e.filename else f'{e}: is the disk full?'}", file=sys.stderr)
         sys.exit(2)
 
 

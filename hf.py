@@ -11,7 +11,6 @@ Two architectures map onto the class (RECIPE sections 2 and 4.5):
     python model.py export out/toy out/toy-hf     # our run folder (newest checkpoint) -> Hugging Face folder
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -20,7 +19,9 @@ import tempfile
 
 import torch
 
+from checkpoint import CheckpointError
 from model import MobileLLM, ModelConfig, ModelError, load_model, rope_tables
+from runtime import ArgumentParser, name_or_path, path
 from tokenizer import TokenizerError, get_tokenizer, write_hf_tokenizer, bos_id, pad_id, stop_ids
 
 # Per model_type: what config.json means when it omits a field (transformers' defaults, except the
@@ -244,13 +245,15 @@ def save(model, path, tokenizer=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="model.py", description="Hugging Face export of a model of ours.")
+    p = ArgumentParser(prog="model.py", description="Hugging Face export of a model of ours.")
     commands = p.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write a complete Hugging Face folder: weights, config, generation "
                                  "config, tokenizer.json and tokenizer_config.json with the chat template")
-    export.add_argument("src", metavar="RUN_DIR", help="run folder of ours (its newest checkpoint), a ckpt_*.pt file, "
-                        "or a Hugging Face folder")
-    export.add_argument("out", metavar="OUT_DIR", help="a new or empty folder (or an earlier export, replaced)")
+    model = name_or_path([], ["ckpt_*.pt", "config.json"], "a run folder, ckpt_*.pt or Hugging Face folder")
+    export.add_argument("src", metavar="RUN_DIR", type=model, help="run folder of ours (its newest checkpoint), "
+                        "a ckpt_*.pt file, or a Hugging Face folder")
+    export.add_argument("out", metavar="OUT_DIR", type=path("new"),
+                        help="a new or empty folder (or an earlier export, replaced)")
     return p.parse_args(argv)
 
 
@@ -259,7 +262,7 @@ def main(argv=None):
     try:
         model, tokenizer, meta = load_model(args.src)
         save(model, args.out, tokenizer)
-    except (ModelError, TokenizerError) as e:
+    except (ModelError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {args.out}: {model.num_params():,} parameters, tokenizer {tokenizer}, from {meta['path']}")

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from checkpoint import latest_checkpoint, read_checkpoint  # sample.py and the tests reach them here too
 
 
 class ModelError(Exception):
@@ -445,26 +446,8 @@ def config_from_dict(d):
 
 
 # -----------------------------------------------------------------------------
-# Our checkpoints (train.py writes run_dir/ckpt_{step:07d}.pt) and Hugging Face folders, one loader
-
-def latest_checkpoint(run_dir):
-    """Path of the newest ckpt_*.pt in run_dir, or None."""
-    ckpts = sorted(Path(run_dir).glob("ckpt_*.pt"))
-    return ckpts[-1] if ckpts else None
-
-
-def read_checkpoint(path):
-    path = Path(path)
-    file = latest_checkpoint(path) if path.is_dir() else path
-    if file is None or not file.is_file():
-        raise ModelError(f"no checkpoint at {path}: pass a ckpt_*.pt file, a run folder holding one, "
-                         "or a Hugging Face folder with config.json")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file: say which one, not a pickle traceback
-        raise ModelError(f"cannot read checkpoint {file} ({type(e).__name__}): is it one of ours?")
-    return ckpt, file
-
+# Our checkpoints (train.py writes run_dir/ckpt_{step:07d}.pt, checkpoint.py reads the files) and Hugging Face
+# folders, one loader
 
 def model_from_checkpoint(ckpt, file):
     """The model a checkpoint of ours holds; a ModelError naming the file when it holds none that fits."""

@@ -1,23 +1,33 @@
 """
 Where a script runs: the device (picked or checked), the processes of a torchrun job, and the peak
-FLOP/s that MFU is measured against. train.py, sample.py, bench.py and mixing.py share it.
+FLOP/s that MFU is measured against, the memory a device has, and the command-line checks every
+script's flags share. train.py, sample.py, data.py, bench.py, model.py and mixing.py use it.
 
     from runtime import Runtime, pick_device
     device = pick_device("auto")          # cuda, else mps, else cpu
     rt = Runtime("auto")                  # + rank, world size, process group under torchrun
+    p = ArgumentParser()                  # a bad flag: one line, exit 2
+    p.add_argument("--lr", type=number(float, above=0))
 """
 
+import argparse
+import math
 import os
 import random
+import re
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from kernels import LOSS_CHUNK_ELEMENTS
+
 
 class DeviceError(Exception):
-    """A device was asked for that this machine does not have: one line naming the ones it has."""
+    """A device was asked for that this machine does not have (one line naming the ones it has), or a run
+    that does not fit in its memory."""
 
 
 def available_devices():
@@ -118,3 +128,166 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+def available_memory(device):
+    """Bytes this process may use on device: free device memory on CUDA, MemAvailable of
+    /proc/meminfo on CPU (physical RAM where there is no /proc), None where unknown (MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# What a training step holds beyond its tensors: the allocator's free-but-kept blocks and torch's work buffers
+# (measured on CPU: 80-100 MB whatever the model, from toy to 140m).
+RUNTIME_BUFFERS = 100 * 2**20
+
+
+def memory_estimate(model, args, device_type, teacher=None):
+    """Bytes per device at the peak of a step: float32 weights and grads, AdamW's two moments, a teacher's
+    weights, the loss's logits chunk (logits, probabilities, their gradient), RUNTIME_BUFFERS, and the
+    activations kept for backward: 12 d_model + 5 ffn values per token per layer, counted at 2 bytes under bf16 autocast (a lower
+    bound: the norms keep float32 copies). With --activation-checkpointing: the block inputs plus what 2.5
+    blocks hold (the recomputed one, its gradients, the allocator's leftovers). Fitted to the peak resident
+    memory of training processes on CPU in float32 (tests/test_train.py checks it at three model sizes)."""
+    n, c = model.num_params(), model.config
+    act_bytes = 2 if device_type == "cuda" else 4
+    tokens = args.batch_size * args.seq_len
+    block = tokens * (12 * c.d_model + 5 * c.ffn_dim) * act_bytes
+    acts = tokens * c.d_model * act_bytes * c.n_layer + 2.5 * block if args.activation_checkpointing \
+        else block * c.n_layer
+    loss = 3 * 4 * c.vocab_size * min(tokens, max(1, LOSS_CHUNK_ELEMENTS // c.vocab_size))
+    parts = {"weights": 4 * n, "grads": 4 * n, "adamw": 8 * n, "activations": int(acts), "loss": loss,
+             "buffers": RUNTIME_BUFFERS}
+    if teacher is not None:
+        parts["teacher"] = teacher.num_params() * (2 if device_type == "cuda" else 4)
+    return parts
+
+
+def check_memory(args, rt, model, teacher):
+    """Refuse a run whose estimate exceeds what the device has, before its first step: the kernel's OOM
+    killer would end it minutes later with nothing saved. --force starts it anyway."""
+    need = memory_estimate(model, args, rt.device.type, teacher)
+    free = available_memory(rt.device)
+    if free is None or args.force:
+        return
+    # The weights (and the teacher) are already on the device, so what it has for the run is free + those;
+    # ranks on one CPU share its RAM.
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if rt.device.type == "cpu" else 1
+    has = free + need["weights"] * ranks + need.get("teacher", 0) * ranks
+    if sum(need.values()) * ranks <= has:
+        return
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    where = f"{ranks} processes on this CPU" if ranks > 1 else f"the {rt.device.type} device"
+    raise DeviceError(f"this run needs about {gib(sum(need.values()) * ranks)} (activations "
+                     f"{gib(need['activations'] * ranks)}) but {where} has {gib(has)}: lower --batch-size (now "
+                     f"{args.batch_size}; accumulation keeps the tokens per step), add --activation-checkpointing, "
+                     f"or lower --seq-len (now {args.seq_len}); --force starts anyway")
+
+
+# -------------------------------------------------------------------------------------------------
+# Command-line checks. Each `type=` below rejects a bad value while argparse reads it, before any
+# work starts; its `invalid` attribute is a value it rejects, which tests/test_cli.py feeds to every
+# flag of every script (a flag without a check fails there). Paths are checked for their kind when
+# they exist; a missing one is reported by the code that opens it, also before any work.
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (no usage block) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
+
+
+def _checker(name, invalid, check):
+    def parse(text):
+        message = check(text)
+        if isinstance(message, str):
+            raise argparse.ArgumentTypeError(message)
+        return text if message is None else message[0]
+    parse.__name__, parse.invalid = name, invalid
+    return parse
+
+
+def number(kind=int, at_least=None, above=None, at_most=None, below=None):
+    """An int or float within the bounds given (inclusive at_least/at_most, exclusive above/below)."""
+    bounds = [(at_least, ">=", lambda v, b: v >= b), (above, ">", lambda v, b: v > b),
+              (at_most, "<=", lambda v, b: v <= b), (below, "<", lambda v, b: v < b)]
+    bounds = [(b, sign, ok) for b, sign, ok in bounds if b is not None]
+    need = " and ".join(f"{sign} {b:g}" for b, sign, _ in bounds)
+    # the value tests feed: the lower bound itself when it is excluded, else just below it (or above the top)
+    low = next(((b, sign) for b, sign, _ in bounds if sign in (">=", ">")), None)
+    invalid = str(low[0] if low and low[1] == ">" else low[0] - 1 if low else bounds[0][0] + 1)
+
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            return f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+        if not math.isfinite(value) or not all(ok(value, b) for b, _, ok in bounds):
+            return f"must be {need}, got {text}"
+        return (value,)
+    return _checker(f"{kind.__name__} {need}", invalid, check)
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # an existing folder, and this file an existing file
+
+
+def path(kind, suffixes=()):
+    """A path that, if it exists, is a file (kind "file") or a folder ("dir"); "new" (an output folder):
+    anything but an existing file. suffixes: the file names accepted."""
+    def check(text):
+        if kind == "file" and os.path.isdir(text) or kind in ("dir", "new") and os.path.isfile(text):
+            return f"{text} is a {'folder' if os.path.isdir(text) else 'file'}, not a " \
+                   f"{'file' if kind == 'file' else 'folder'}"
+        if suffixes and not text.endswith(tuple(suffixes)):
+            return f"{text}: expected a {' or '.join(suffixes)} file"
+        return None
+    return _checker(f"{kind} path", os.path.join(HERE, "runtime.py") if kind != "file" else HERE, check)
+
+
+def name_or_path(names, holds, what):
+    """One of names, or a path that, if it exists, is a file or a folder holding one of the `holds`
+    patterns (a checkpoint: ckpt_*.pt or config.json; a tokenizer: tokenizer.json)."""
+    def check(text):
+        if text not in names and os.path.isdir(text) and not any(next(Path(text).glob(h), None) for h in holds):
+            return f"{text} is a folder without {' or '.join(holds)}: expected {what}"
+        return None
+    return _checker(what, HERE, check)
+
+
+def matching(regex, what):
+    """A string that fully matches regex (what: the rule, for the message)."""
+    return _checker(what, "no such/name", lambda text: None if re.fullmatch(regex, text) else f"{text!r}: use {what}")
+
+
+def checked(check, errors, invalid):
+    """A type from a function that raises one of errors (the script's own) for a bad value."""
+    def parse(text):
+        try:
+            check(text)
+        except errors as e:
+            raise argparse.ArgumentTypeError(str(e))
+        return text
+    parse.__name__, parse.invalid = check.__name__, invalid
+    return parse
+
+
+def device_name(text):
+    """auto, or a device this machine has (cuda:1 included); the message names the ones it has."""
+    if text == "auto":
+        return text
+    try:
+        pick_device(text)
+    except DeviceError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--device {text}: "))
+    return text
+
+
+device_name.invalid = "no-such-device"

@@ -36,11 +36,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import DataError, read_jsonl
+from inputs import DataError, read_jsonl
 from grading import extract_answer, grade, reference_answer
 from tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerError, get_tokenizer, render_chat, stop_ids
 from model import MobileLLM, ModelError, latest_checkpoint, left_pad, load_model
-from runtime import DeviceError, pick_device
+from checkpoint import CheckpointError
+from runtime import ArgumentParser, DeviceError, device_name, name_or_path, number, path, pick_device
 
 DEFAULT_CKPT = "out/toy"  # where `python train.py` saves the toy run
 DEFAULT_EVAL = "data/toy/eval.jsonl"  # held-out problems written by `python data.py toy`
@@ -283,11 +284,13 @@ def load_eval_set(path):
     [{"question": str, "answer": str}], the answer being the reference grading.grade reads."""
     out = []
     for lineno, rec in read_jsonl(path):
-        question = next((rec[k] for k in QUESTION_KEYS if k in rec), None) if isinstance(rec, dict) else None
-        answer = next((rec[k] for k in ("answer", "solution") if k in rec), None) if isinstance(rec, dict) else None
+        fields = rec if isinstance(rec, dict) else {}
+        question = next((fields[k] for k in QUESTION_KEYS if k in fields), None)
+        answer = next((fields[k] for k in ("answer", "solution") if k in fields), None)
         if question is None or answer is None:
+            has = ", ".join(map(repr, rec)) if isinstance(rec, dict) else f"a JSON {type(rec).__name__}"
             raise SampleError(f"{path}:{lineno}: an eval record needs a question ({', '.join(QUESTION_KEYS)}) "
-                              "and an 'answer' (or a MATH 'solution')")
+                              f"and an 'answer' (or a MATH 'solution'); it has {has or 'no fields'}")
         out.append({"question": str(question), "answer": str(answer)})
     if not out:
         raise SampleError(f"{path} holds no eval records: one JSON object per line")
@@ -394,25 +397,30 @@ def run_chat(model, enc, args, color):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    count = number(int, at_least=1)
     model = p.add_argument_group("model")
     source = model.add_mutually_exclusive_group()
-    source.add_argument("--ckpt", metavar="PATH", help=f"run folder or ckpt_*.pt file of ours (default {DEFAULT_CKPT}; "
+    source.add_argument("--ckpt", metavar="PATH",
+                        type=name_or_path([], ["ckpt_*.pt", "config.json"], "a run folder or ckpt_*.pt"),
+                        help=f"run folder or ckpt_*.pt file of ours (default {DEFAULT_CKPT}; "
                         "the newest checkpoint of a folder is used)")
-    source.add_argument("--hf", metavar="DIR", help="Hugging Face folder: config.json, *.safetensors, tokenizer.json")
-    model.add_argument("--device", default=None, metavar="NAME", help="cpu, cuda, cuda:1, mps (default: best available)")
+    source.add_argument("--hf", metavar="DIR", type=name_or_path([], ["config.json"], "a Hugging Face folder"),
+                        help="Hugging Face folder: config.json, *.safetensors, tokenizer.json")
+    model.add_argument("--device", default=None, metavar="NAME", type=device_name,
+                       help="cpu, cuda, cuda:1, mps (default: best available)")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="default bfloat16 on CUDA, float32 elsewhere")
     what = p.add_argument_group("what to run (default: walk through a few held-out toy problems)")
     mode = what.add_mutually_exclusive_group()
     mode.add_argument("--prompt", metavar="TEXT", help="answer one question, streaming the reply")
     mode.add_argument("--chat", action="store_true", help="interactive multi-turn conversation")
-    mode.add_argument("--eval", type=int, nargs="?", const=0, metavar="N",
+    mode.add_argument("--eval", type=number(int, at_least=0), nargs="?", const=0, metavar="N",
                       help="score N held-out problems (all when N is omitted or 0)")
-    what.add_argument("--eval-file", metavar="FILE.jsonl",
+    what.add_argument("--eval-file", metavar="FILE.jsonl", type=path("file", (".jsonl",)),
                       help=f"question/answer (or MATH problem/solution) records to score, GSM8K '#### 42' answers "
                            f"accepted (default {DEFAULT_EVAL}; all of it unless --eval N)")
-    what.add_argument("--batch-size", type=int, default=64, metavar="ROWS",
+    what.add_argument("--batch-size", type=count, default=64, metavar="ROWS",
                       help="rows generated at once when scoring (prompts of any lengths, left-padded)")
     what.add_argument("--print-ids", action="store_true", help="also print prompt and generated token ids as JSON")
     proto = p.add_argument_group("protocol: prompt and sampling (explicit flags override the protocol's values)")
@@ -420,31 +428,20 @@ def parse_args(argv=None):
                        help="ours (default): system prompt, greedy, 1024 new tokens; official: the official "
                             "harness (one user turn, no system message, T 0.6, top-p 0.95, 30000 new tokens, seed 0)")
     proto.add_argument("--system", default=None, metavar="TEXT", help="system prompt ('' for none)")
-    proto.add_argument("--temperature", type=float, default=None, metavar="T", help="0 = greedy")
-    proto.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling")
-    proto.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the k most likely tokens")
-    proto.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="per reply (capped by the context)")
-    proto.add_argument("--num-samples", type=int, default=1, metavar="N",
+    proto.add_argument("--temperature", type=number(float, at_least=0), default=None, metavar="T", help="0 = greedy")
+    proto.add_argument("--top-p", type=number(float, above=0, at_most=1), default=None, metavar="P",
+                       help="nucleus sampling")
+    proto.add_argument("--top-k", type=count, default=None, metavar="K", help="sample among the k most likely tokens")
+    proto.add_argument("--max-new-tokens", type=count, default=None, metavar="N", help="per reply (capped by the context)")
+    proto.add_argument("--num-samples", type=count, default=1, metavar="N",
                        help="continuations per prompt, sampled in one batch after one prefill; pass@1 is averaged")
-    proto.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    proto.add_argument("--seed", type=number(int, at_least=0), default=None, help="seed for sampling")
     args = p.parse_args(argv)
+    if args.eval_file and (args.prompt is not None or args.chat):
+        p.error("--eval-file scores a file: use it alone or with --eval N, not with --prompt or --chat")
     for name, value in PROTOCOLS[args.protocol].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    checks = [
-        (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
-        (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
-        (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
-        (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.eval is None or args.eval >= 0, f"--eval N must be >= 0, got {args.eval}"),
-        (not (args.eval_file and (args.prompt is not None or args.chat)),
-         "--eval-file scores a file: use it alone or with --eval N, not with --prompt or --chat"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise SampleError(message)
     return args
 
 
@@ -462,7 +459,7 @@ def main(argv=None):
             run_show(model, enc, eval_problems(args), args, color)
         else:
             run_eval(model, enc, eval_problems(args), args, color)
-    except (ModelError, DataError, TokenizerError, DeviceError, SampleError) as e:
+    except (ModelError, CheckpointError, DataError, TokenizerError, DeviceError, SampleError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C while a reply streams: stop quietly, as a shell command does

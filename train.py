@@ -25,7 +25,8 @@ meta-llama/Llama-3.1-8B-Instruct.)
 Multi-node, as in the paper (16 nodes x 8 GPUs), the same command on every node:
     torchrun --nnodes 16 --nproc_per_node 8 --node-rank $NODE_RANK --master-addr $MASTER_ADDR \
         --master-port 29500 train.py --size 950m --stage pretrain ...
-Continue a stopped run (Ctrl-C / SIGTERM save at the next step boundary): the same command + --resume.
+Continue a stopped run (Ctrl-C / SIGTERM save at the next step boundary): the same command + --resume. Also
+after a kill, a crash or a full disk: checkpoints are written atomically, a damaged newest one is skipped.
 """
 
 import argparse
@@ -33,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -50,12 +52,14 @@ from tqdm import tqdm
 
 import data
 import kernels
-from runtime import DeviceError, Runtime, peak_flops
+from checkpoint import (CheckpointError, check_same_run, latest_checkpoint, read_checkpoint, remove_partial_files,
+                        save_checkpoint)
+from runtime import (ArgumentParser, DeviceError, Runtime, check_memory, device_name, memory_estimate,
+                     name_or_path, number, path, peak_flops)
 from tokenizer import TokenizerError
 import sample
 import toydata
-from model import (MobileLLM, ModelConfig, ModelError, latest_checkpoint, load_model, model_from_checkpoint,
-                   read_checkpoint)
+from model import SIZES, MobileLLM, ModelConfig, ModelError, load_model, model_from_checkpoint
 
 # Table: training recipe per stage (RECIPE section 4). Total batch = 16 nodes x 8 GPUs x BS x seq.
 # `sft` is the general SFT row; `sft --long-context` is reasoning SFT (32k context, theta x 8).
@@ -93,21 +97,26 @@ class Diverged(Exception):
 def parse_args(argv):
     stages = "\n".join(f"  {k}: " + ", ".join(f"{n}={v:g}" if isinstance(v, float) else f"{n}={v}"
                                               for n, v in d.items()) for k, d in STAGE_DEFAULTS.items())
-    p = argparse.ArgumentParser(description="Train MobileLLM-R1 (no arguments: the laptop toy run).",
+    p = ArgumentParser(description="Train MobileLLM-R1 (no arguments: the laptop toy run).",
                                 epilog=f"defaults per --stage (RECIPE section 4; sft-reasoning = sft --long-context):\n"
                                        f"{stages}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    count, positive, at_least_0 = number(int, at_least=1), number(float, above=0), number(float, at_least=0)
+    model_path = name_or_path(["scratch"], ["ckpt_*.pt", "config.json"],
+                                    "a run folder, ckpt_*.pt or Hugging Face folder")
     g = p.add_argument_group("model").add_argument
-    g("--size", help="model size for --init-from scratch: toy, toy-teacher, 140m, 360m, 950m")
-    g("--init-from", default="scratch", help="scratch, our checkpoint (file or run folder), or a Hugging Face folder")
+    g("--size", choices=list(SIZES), help="model size for --init-from scratch: toy, toy-teacher, 140m, 360m, 950m")
+    g("--init-from", default="scratch", type=model_path,
+      help="scratch, our checkpoint (file or run folder), or a Hugging Face folder")
     g("--long-context", action="store_true", help="reasoning SFT: rope theta x 8 and 32k context (RECIPE section 4)")
     g = p.add_argument_group("data").add_argument
     g("--stage", default="pretrain", choices=["pretrain", "midtrain", "sft"], help="recipe stage (sets defaults)")
-    g("--data", help="prepared data folder (python data.py prepare / toy)")
-    g("--mixture", help="preset name (e.g. pretrain-phase1) or NAME=WEIGHT,... pairs")
+    g("--data", type=path("dir"), help="prepared data folder (python data.py prepare / toy)")
+    g("--mixture", type=data.mixture_arg, help="preset name (e.g. pretrain-phase1) or NAME=WEIGHT,... pairs")
     g("--renormalize", action="store_true", help="let a preset use only the sources that are prepared")
-    g("--eval-data", help="held-out data folder for the eval loss (default: --data, another seed's rows)")
-    g("--eval-mixture", help="mixture of --eval-data (default: --mixture)")
-    g("--seq-len", type=int, help="tokens per sequence")
+    g("--eval-data", type=path("dir"),
+      help="held-out data folder for the eval loss (default: --data, another seed's rows)")
+    g("--eval-mixture", type=data.mixture_arg, help="mixture of --eval-data (default: --mixture)")
+    g("--seq-len", type=count, help="tokens per sequence")
     # The official SFT (sft/sft.py: TRL SFTTrainer, RECIPE section 4.6) trains on every token of the conversation but
     # padding: `all`. Ours, `assistant`, trains only on what the model will write: the assistant's tokens and their
     # <|eot_id|>, not on predicting prompts and headers. Both pack conversations into rows with document masks, so
@@ -115,58 +124,51 @@ def parse_args(argv):
     # eval loss stays on the assistant's tokens, so runs of either setting compare.
     g("--sft-loss", default="assistant", choices=["assistant", "all"],
       help="chat tokens trained on: assistant turns (ours) or the whole conversation (the official SFT)")
-    g("--seed", type=int, default=0, help="seed for initialisation and the data stream")
+    g("--seed", type=number(int, at_least=0), default=0, help="seed for initialisation and the data stream")
     g = p.add_argument_group("schedule and optimizer").add_argument
-    g("--max-steps", type=int, help="optimizer steps (default: the stage's, or --epochs for SFT)")
-    g("--epochs", type=float, help="SFT: passes over every source (packed rows), used when --max-steps is not given")
-    g("--total-batch-tokens", type=int, help="tokens per optimizer step over all devices")
-    g("--lr", type=float, help="peak learning rate")
-    g("--warmup-steps", type=float, help="warmup: steps, or a fraction of --max-steps when < 1")
-    g("--min-lr-ratio", type=float, help="final learning rate as a fraction of the peak")
+    g("--max-steps", type=count, help="optimizer steps (default: the stage's, or --epochs for SFT)")
+    g("--epochs", type=positive, help="SFT: passes over every source (packed rows), used when --max-steps is not given")
+    g("--total-batch-tokens", type=count, help="tokens per optimizer step over all devices")
+    g("--lr", type=positive, help="peak learning rate")
+    g("--warmup-steps", type=at_least_0, help="warmup: steps, or a fraction of --max-steps when < 1")
+    g("--min-lr-ratio", type=number(float, at_least=0, at_most=1), help="final learning rate as a fraction of the peak")
     g("--decay", default="linear", choices=["linear", "cosine"],
       help="decay shape after warmup (the official README says linear; the released code uses cosine)")
-    g("--weight-decay", type=float, help="AdamW weight decay (never applied to norm weights)")
-    g("--beta2", type=float, help="AdamW beta2 (default per stage: 0.95 pre/mid-training, 0.999 SFT)")
+    g("--weight-decay", type=at_least_0, help="AdamW weight decay (never applied to norm weights)")
+    g("--beta2", type=number(float, at_least=0, below=1),
+      help="AdamW beta2 (default per stage: 0.95 pre/mid-training, 0.999 SFT)")
     g = p.add_argument_group("distillation (--stage midtrain)").add_argument
-    g("--teacher", help="distillation teacher (our checkpoint or Hugging Face folder; same vocabulary)")
-    g("--kd-temperature", type=float, default=1.0, help="distillation temperature (loss scaled by T^2)")
-    g("--kd-ce-weight", type=float, default=0.0, help="weight of plain cross-entropy added to the KD loss")
+    g("--teacher", type=model_path,
+      help="distillation teacher (our checkpoint or Hugging Face folder; same vocabulary)")
+    g("--kd-temperature", type=positive, default=1.0, help="distillation temperature (loss scaled by T^2)")
+    g("--kd-ce-weight", type=at_least_0, default=0.0, help="weight of plain cross-entropy added to the KD loss")
     g = p.add_argument_group("run folder").add_argument
-    g("--out-dir", help="run folder for checkpoints, log.txt and metrics.jsonl")
+    g("--out-dir", type=path("new"), help="run folder for checkpoints, log.txt and metrics.jsonl")
     g("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
-    g("--log-every", type=int, default=10, help="steps between log lines and metrics.jsonl records")
-    g("--eval-every", type=int, default=0, help="steps between held-out eval losses (0: only at the end)")
-    g("--eval-batches", type=int, default=8, help="micro-batches per device in each eval")
-    g("--save-every", type=int, default=1000, help="steps between checkpoints")
-    g("--keep-last", type=int, default=3, help="checkpoints to keep in --out-dir")
+    g("--log-every", type=count, default=10, help="steps between log lines and metrics.jsonl records")
+    g("--eval-every", type=number(int, at_least=0), default=0,
+      help="steps between held-out eval losses (0: only at the end)")
+    g("--eval-batches", type=count, default=8, help="micro-batches per device in each eval")
+    g("--save-every", type=count, default=1000, help="steps between checkpoints")
+    g("--keep-last", type=count, default=3, help="checkpoints to keep in --out-dir")
     g = p.add_argument_group("performance").add_argument
-    g("--device", default="auto", help="auto, cuda, mps or cpu")
-    g("--batch-size", type=int, help="sequences per device per micro-step (gradient accumulation fills the rest)")
+    g("--device", default="auto", type=device_name, help="auto, cuda, mps or cpu")
+    g("--batch-size", type=count, help="sequences per device per micro-step (gradient accumulation fills the rest)")
     g("--compile", action="store_true", help="torch.compile the model")
     g("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
+    g("--force", action="store_true", help="start even when the memory estimate exceeds what the device has")
     args = p.parse_args(argv)
     key = "sft-reasoning" if args.stage == "sft" and args.long_context else args.stage
     for name, value in STAGE_DEFAULTS[key].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    if args.data is None or args.out_dir is None:
-        raise TrainError("--data and --out-dir are required (or run `python train.py` alone for the toy run)")
+    if args.data is None or args.mixture is None or args.out_dir is None:
+        raise TrainError("--data, --mixture and --out-dir are required (or `python train.py` alone for the toy run)")
     if args.init_from == "scratch" and args.size is None and not args.resume:
         raise TrainError("--size is required with --init-from scratch (toy, 140m, 360m, 950m)")
     if args.teacher and args.stage != "midtrain":
         raise TrainError("--teacher is for --stage midtrain (distillation)")
-    for name in ("max_steps", "batch_size", "total_batch_tokens", "seq_len", "log_every", "save_every",
-                 "keep_last", "eval_batches"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not (args.epochs is None or args.epochs > 0):
-        raise TrainError(f"--epochs must be positive, got {args.epochs:g}")
     return args
-
-
-# Flags that may differ when resuming: they change how the run executes, not what it computes.
-RESUMABLE = {"resume", "out_dir", "device", "compile", "activation_checkpointing", "batch_size",
-             "log_every", "eval_every", "eval_batches", "save_every", "keep_last", "init_from"}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -204,49 +206,12 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * shape)
 
 
-def memory_estimate(model, args, device_type, teacher=None):
-    """Rough bytes per device: float32 weights and grads, AdamW's two moments, a teacher's weights, and
-    the activations kept for backward: 10 d_model + 4 ffn values per token per layer (measured with
-    saved_tensors_hooks on CPU in float32: within 7% for toy and 140m), counted at 2 bytes under bf16
-    autocast (a lower bound: the norms keep float32 copies); with --activation-checkpointing, the
-    block inputs plus one block."""
-    n, c = model.num_params(), model.config
-    act_bytes = 2 if device_type == "cuda" else 4
-    tokens = args.batch_size * args.seq_len
-    per_layer = tokens * (10 * c.d_model + 4 * c.ffn_dim) * act_bytes
-    acts = (tokens * c.d_model * act_bytes * c.n_layer + per_layer) if args.activation_checkpointing \
-        else per_layer * c.n_layer
-    parts = {"weights": 4 * n, "grads": 4 * n, "adamw": 8 * n, "activations": acts}
-    if teacher is not None:
-        parts["teacher"] = teacher.num_params() * (2 if device_type == "cuda" else 4)
-    return parts
-
-
-# -------------------------------------------------------------------------------------------------
-# Checkpoints: run_dir/ckpt_{step:07d}.pt, written atomically, last K kept
-
-def save_checkpoint(rt, args, model, optimizer, sampler, step):
-    """Rank 0 writes the file, with every rank's RNG states. The sampler's state is the same on all
-    ranks (each does the bookkeeping of the whole global stream), so rank 0's is enough."""
-    rngs = rt.rng_states()
-    if not rt.master:
-        return
-    ckpt = {"model": model.state_dict(), "config": asdict(model.config), "optimizer": optimizer.state_dict(),
-            "step": step, "sampler": sampler.state_dict(), "rng": rngs, "args": vars(args),
-            "tokenizer": sampler.tokenizer, "stage": args.stage}
-    path = Path(args.out_dir) / f"ckpt_{step:07d}.pt"
-    torch.save(ckpt, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)  # a crash mid-write never leaves a truncated ckpt_*.pt
-    for old in sorted(Path(args.out_dir).glob("ckpt_*.pt"))[:-args.keep_last]:
-        old.unlink()
-
-
-def check_same_run(saved, args):
-    for k, v in vars(args).items():
-        if k not in RESUMABLE and saved.get(k) != v:
-            flag = "--" + k.replace("_", "-")
-            raise TrainError(f"--resume: {args.out_dir} was trained with {flag} {saved.get(k)}, now {v}; "
-                             "resume with the same settings or use another --out-dir")
+def record_step(line):
+    """The step of a metrics.jsonl line; a partial line (the run was killed writing it) counts as past any step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 # -------------------------------------------------------------------------------------------------
@@ -274,11 +239,14 @@ def build_model(args, rt, tokenizer):
     return model.to(rt.device)
 
 
-def load_teacher(args, rt, student):
+def load_teacher(args, rt, student, data_tokenizer):
     # Inference only: bf16 on CUDA, read straight into that dtype on the device (an 8B Llama-3.1 teacher,
     # RECIPE section 4.5, takes its 16 GB once), no grads, kept out of the optimizer, DDP and the checkpoint.
     dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-    teacher, _, meta = load_model(args.teacher, rt.device, dtype)
+    teacher, tokenizer, meta = load_model(args.teacher, rt.device, dtype)
+    if meta["format"] == "ours" and tokenizer != data_tokenizer:
+        raise TrainError(f"--teacher {args.teacher} was trained with tokenizer {tokenizer!r} but --data {args.data} "
+                         f"uses {data_tokenizer!r}: distil on data of the teacher's tokenizer")
     if teacher.config.vocab_size != student.config.vocab_size:
         raise TrainError(f"--teacher {args.teacher} has a vocabulary of {teacher.config.vocab_size}, the "
                          f"student {student.config.vocab_size}: logit distillation needs the same tokenizer")
@@ -390,24 +358,29 @@ def setup_run(args, rt):
     if args.resume:
         if latest_checkpoint(out_dir) is None:
             raise TrainError(f"--resume: no checkpoint in {out_dir}; drop --resume to start the run")
-        ckpt, _ = read_checkpoint(out_dir)
+        ckpt, ckpt_file = read_checkpoint(out_dir, set_aside=rt.master)  # a damaged newest one: skipped, named
         check_same_run(ckpt["args"], args)
     elif latest_checkpoint(out_dir) is not None:
         raise TrainError(f"{out_dir} already holds a run: add --resume to continue it, or choose another "
                          "--out-dir (or delete it)")
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_files(out_dir)  # of a save that was killed midway
+        if ckpt is None:  # records of an earlier start that was killed before its first checkpoint
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     if ckpt is not None:
-        model = model_from_checkpoint(ckpt, latest_checkpoint(out_dir))
+        model = model_from_checkpoint(ckpt, ckpt_file)
         model.gradient_checkpointing = args.activation_checkpointing
         model.to(rt.device)
     else:
         model = build_model(args, rt, sampler.tokenizer)
-    if sampler.vocab_size > model.config.vocab_size:
+    hf_init = ckpt is None and (Path(args.init_from) / "config.json").is_file()  # its tokenizer: not by name
+    if sampler.vocab_size > model.config.vocab_size or hf_init and sampler.vocab_size != model.config.vocab_size:
         raise TrainError(f"--data {args.data} uses tokenizer {sampler.tokenizer!r} ({sampler.vocab_size} tokens), "
                          f"the model has {model.config.vocab_size}: prepare the data with the model's tokenizer")
-    teacher = load_teacher(args, rt, model) if args.teacher else None
+    teacher = load_teacher(args, rt, model, sampler.tokenizer) if args.teacher else None
+    check_memory(args, rt, model, teacher)
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, (BETA1, args.beta2), EPS, rt.device.type)
     step = 0
     if ckpt is not None:
@@ -419,9 +392,10 @@ def setup_run(args, rt):
         step = ckpt["step"]
         if rt.master:  # forget log records past the checkpoint: they are about to be redone
             metrics = out_dir / "metrics.jsonl"
-            if metrics.exists():
-                keep = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= step]
-                metrics.write_text("".join(l + "\n" for l in keep))
+            if metrics.exists():  # a run killed mid-line leaves a partial last record: dropped too
+                keep = [line for line in metrics.read_text().splitlines() if record_step(line) <= step]
+                metrics.with_suffix(".tmp").write_text("".join(line + "\n" for line in keep))
+                os.replace(metrics.with_suffix(".tmp"), metrics)
         del ckpt
 
     runner = DistillationLoss(model, teacher, args.kd_temperature, args.kd_ce_weight) if teacher else model
@@ -562,6 +536,10 @@ def run_toy(rt):
     sample.main([str(f) for f in flags])
 
 
+# How gloo and NCCL report a peer that is gone: torch raises them as RuntimeError, not always as DistError.
+PEER_LOST = re.compile(r"connection (reset|closed|refused)|broken pipe|socket timeout|timed out|gloo|nccl", re.I)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     STOP["signal"] = None
@@ -578,10 +556,22 @@ def main(argv=None):
             # every rank done (rank 0 may still be writing the last checkpoint) before the process group
             # goes: a rank tearing gloo down while its peer is mid-collective can abort (SIGABRT)
             dist.barrier()
-    except (ModelError, data.DataError, TokenizerError, DeviceError, TrainError) as e:
+    except (ModelError, CheckpointError, data.DataError, TokenizerError, DeviceError, TrainError) as e:
         if int(os.environ.get("RANK", 0)) == 0:  # every rank fails alike: say it once
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the disk is full, a folder is not writable, ...: the environment, not a bug
+        where = f"{e.filename}: {e.strerror}" if e.filename else f"{e}: is the disk full?"
+        print(f"error: {where}; fix that and continue with --resume", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:  # a peer process died (killed, out of memory) or cannot be reached
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or PEER_LOST.search(str(e)))):
+            raise  # a bug
+        reason = re.sub(r"^\[[^]]*\] ", "", str(e).strip().splitlines()[0]).split(". ")[0][:120]
+        print(f"error: rank {os.environ.get('RANK')}: another process of this torchrun job is gone ({reason}); "
+              "stopping. The checkpoints in --out-dir are complete: continue with the same command + --resume",
+              file=sys.stderr)
+        sys.exit(1)
     except Diverged as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: training diverged: {e}", file=sys.stderr)

@@ -52,7 +52,7 @@ def test_memory_child_measures_what_a_call_allocates():
 
 def test_bad_flags_exit_2_with_one_line():
     proc = run_bench("--only", "no-such-section")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --only")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: argument --only: 'no-such-section' matches no")
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = run_bench("--lengths", "1k")
     assert proc.returncode == 2 and "--lengths" in proc.stderr

@@ -34,9 +34,36 @@ def test_load_eval_set(tmp_path):
     path = tmp_path / "eval.jsonl"
     path.write_text('{"question": "1+1", "answer": 2}\n\n{"question": "2+2", "answer": "4"}\n')
     assert sample.load_eval_set(str(path)) == [{"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": "4"}]
-    path.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2"}\n')
-    with pytest.raises(sample.SampleError, match="eval.jsonl:2"):
+    path.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2", "solution": "4"}\n')
+    with pytest.raises(sample.SampleError, match="eval.jsonl:2: .* lacks 'answer' \\(it has 'question', 'solution'\\)"):
         sample.load_eval_set(str(path))
+    path.write_text('["1+1", "2"]\n')
+    with pytest.raises(sample.SampleError, match="lacks 'question' and 'answer' \\(it has a JSON list\\)"):
+        sample.load_eval_set(str(path))
+
+
+def test_input_that_is_not_utf8_is_repaired_and_counted(tmp_path, capsys):
+    """Latin-1 text (a common mislabelled export): each bad byte becomes U+FFFD, and the summary line says how many."""
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\u00e9 na\u00efve"}\n{"text": "ok"}\n'.encode("latin-1"))
+    (tmp_path / "page.txt").write_bytes(b"\xff\xfe broken start, then fine")
+    meta = data.prepare("mixed", [str(tmp_path / "latin1.jsonl"), str(tmp_path / "page.txt")], str(tmp_path / "out"),
+                        tokenizer="toy", workers=1)
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert meta["replaced_bytes"] == 4 and "4 bytes that were not UTF-8 replaced by U+FFFD" in summary
+    src = data.Source(str(tmp_path / "out" / "mixed"))
+    first = tokenizer.get_tokenizer("toy").decode(src.doc(0)[0][1:].tolist())
+    assert first == "caf\ufffd na\ufffdve"
+
+
+def test_a_binary_input_is_refused_naming_it(tmp_path, capsys):
+    (tmp_path / "good.jsonl").write_text('{"text": "fine"}\n')
+    (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--source", "s", "--input", str(tmp_path / "good.jsonl"), str(tmp_path / "image.txt"),
+                   "--out", str(tmp_path / "out"), "--tokenizer", "toy", "--workers", "1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "image.txt is a binary file" in err
+    assert not (tmp_path / "out" / "s").exists()
 
 
 # -----------------------------------------------------------------------------

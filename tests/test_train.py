@@ -19,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 import data
+import runtime
 import sample
 import toydata
 import train
@@ -89,10 +90,12 @@ def test_lr_schedule_warmup_and_decay_shapes():
 
 
 def test_stage_defaults_follow_the_recipe():
-    args = train.parse_args(["--stage", "sft", "--long-context", "--data", "d", "--out-dir", "o", "--init-from", "x"])
+    args = train.parse_args(["--stage", "sft", "--long-context", "--data", "d", "--out-dir", "o", "--init-from", "x",
+                             "--mixture", "general-sft"])
     assert (args.lr, args.warmup_steps, args.min_lr_ratio, args.weight_decay, args.seq_len) == (8e-5, 0.1, 0, 0, 32768)
     assert (args.beta2, args.epochs, args.max_steps, args.sft_loss) == (0.999, 4, None, "assistant")
-    args = train.parse_args(["--stage", "pretrain", "--size", "140m", "--data", "d", "--out-dir", "o", "--lr", "1e-3"])
+    args = train.parse_args(["--stage", "pretrain", "--size", "140m", "--data", "d", "--out-dir", "o", "--lr", "1e-3",
+                             "--mixture", "pretrain-phase1"])
     assert (args.lr, args.warmup_steps, args.min_lr_ratio, args.weight_decay) == (1e-3, 2000, 0.1, 0.1)
     assert args.beta2 == 0.95
     assert args.total_batch_tokens == 4 * 2**20  # 128 GPUs x 16 x 2048
@@ -116,14 +119,14 @@ def test_run_writes_checkpoint_metrics_and_log(corpus, tmp_path):
 
 
 def test_load_model_refuses_foreign_or_mismatched_files(corpus, tmp_path):
-    from model import ModelError
+    from checkpoint import CheckpointError
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
-    with pytest.raises(ModelError, match="foreign.pt"):
+    with pytest.raises(CheckpointError, match="foreign.pt"):
         train.load_model(tmp_path / "foreign.pt")
     (tmp_path / "ckpt_0000001.pt").write_bytes(b"truncated")
-    with pytest.raises(ModelError, match="ckpt_0000001.pt"):
+    with pytest.raises(CheckpointError, match="ckpt_0000001.pt"):
         train.load_model(tmp_path)
-    with pytest.raises(ModelError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         train.load_model(tmp_path / "nowhere")
 
 
@@ -333,13 +336,14 @@ def test_init_from_hugging_face_folder_equals_init_from_our_checkpoint(corpus, t
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--size", "huge"], "unknown model size"),
+    (["--size", "huge"], "invalid choice: 'huge'"),
     (["--mixture", "no-such-preset"], "unknown mixture"),
     (["--data", "/nonexistent/data"], "does not exist"),
     (["--total-batch-tokens", "300"], "not a multiple"),
     (["--size", None], "--size is required"),
-    (["--keep-last", "0"], "--keep-last must be at least 1"),
-    (["--epochs", "0"], "--epochs must be positive"),
+    (["--keep-last", "0"], "--keep-last: must be >= 1"),
+    (["--epochs", "0"], "--epochs: must be > 0"),
+    (["--mixture", None], "--mixture"),
 ])
 def test_bad_input_is_one_line_exit_2(corpus, tmp_path, capsys, flags, message):
     argv = [*TINY, "--data", corpus, "--mixture", "arith=1", "--max-steps", 1, "--out-dir", tmp_path / "r"]
@@ -462,3 +466,86 @@ def test_distilling_from_a_llama_folder_equals_a_naive_kl(corpus, tmp_path, caps
     assert run(*argv[:-1], tmp_path / "mt-300") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "vocabulary of 300" in err and "\n" not in err
+
+
+def test_mismatched_parts_are_one_line_naming_both_sides(corpus, tmp_path, capsys):
+    """A run resumed at another size; a Hugging Face init or a teacher whose tokenizer is not the data's."""
+    assert pretrain(corpus, tmp_path / "pt", "--max-steps", 1) == 0
+    capsys.readouterr()
+    assert pretrain(corpus, tmp_path / "pt", "--max-steps", 1, "--resume", "--size", "toy-teacher") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--size toy, now toy-teacher" in err
+    argv = [*TINY[2:], "--data", corpus, "--mixture", "arith=1", "--max-steps", 1, "--out-dir", tmp_path / "pt"]
+    assert run(*argv, "--resume") == 0  # --size left out: the run's
+    wide = MobileLLM(ModelConfig(**dict(train.asdict(ModelConfig.from_size("toy")), vocab_size=300)))
+    wide.save_hf(tmp_path / "hf-300")
+    assert run(*TINY[2:], "--stage", "sft", "--init-from", tmp_path / "hf-300", "--data", corpus, "--mixture",
+               "arith-chat=1", "--max-steps", 1, "--out-dir", tmp_path / "sft") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "tokenizer 'toy' (272 tokens), the model has 300" in err
+    save_ours(MobileLLM(ModelConfig.from_size("toy")), tmp_path / "teacher", tokenizer="other")
+    assert run(*TINY, "--stage", "midtrain", "--teacher", tmp_path / "teacher", "--data", corpus, "--mixture",
+               "arith=1", "--max-steps", 1, "--out-dir", tmp_path / "mt") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "tokenizer 'other' but --data" in err and "uses 'toy'" in err
+
+
+def test_a_run_that_does_not_fit_in_memory_is_refused_unless_forced(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 2**29)  # a machine with 0.5 GiB free
+    capsys.readouterr()
+    flags = [*TINY, "--data", corpus, "--mixture", "arith=1", "--max-steps", 1, "--seq-len", 1024,
+             "--batch-size", 16, "--total-batch-tokens", 16384]
+    assert run(*flags, "--out-dir", tmp_path / "r") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "needs about 1.4 GiB" in err and "has 0.5 GiB" in err
+    assert all(k in err for k in ("--batch-size (now 16", "--activation-checkpointing", "--seq-len (now 1024)", "--force"))
+    assert not train.latest_checkpoint(tmp_path / "r")
+    assert run(*flags, "--force", "--out-dir", tmp_path / "forced") == 0
+
+
+# A training process (two steps: the second runs with AdamW's moments allocated) that reports its resident memory
+# before train.main and at its peak (VmHWM: the high-water
+# mark of this process's own pages; ru_maxrss would also count the pages the parent had when it forked us).
+MEASURE = """
+import json, os, sys
+import torch
+torch.set_num_threads(1)
+import runtime, train
+seen, estimate = {}, runtime.memory_estimate
+runtime.memory_estimate = lambda *a, **k: seen.update(estimate(*a, **k)) or seen
+status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+before = status("VmRSS")
+train.main(sys.argv[1:])
+print(json.dumps({"measured": status("VmHWM") - before, "estimate": sum(seen.values())}))
+"""
+MEMORY_TOLERANCE = 0.25  # the estimate is within 25% of the measured peak (the OOM refusal relies on it)
+
+
+def measured_and_estimated(data_dir, mixture, out, *flags):
+    res = subprocess.run([sys.executable, "-c", MEASURE, "--data", data_dir, "--mixture", mixture, "--out-dir", out,
+                          "--device", "cpu", "--max-steps", "2", "--eval-batches", "1", *map(str, flags)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout.splitlines()[-1])
+    print(f"measured {r['measured'] / 2**20:.0f} MiB, estimated {r['estimate'] / 2**20:.0f} MiB")
+    return r["measured"], r["estimate"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads resident memory from /proc")
+@pytest.mark.parametrize("size, batch, checkpointing", [("toy", 8, False), ("toy-teacher", 4, False),
+                                                        pytest.param("toy", 8, True, marks=pytest.mark.slow)])
+def test_memory_estimate_matches_the_measured_peak(corpus, tmp_path, size, batch, checkpointing):
+    flags = ["--size", size, "--seq-len", 1024, "--batch-size", batch, "--total-batch-tokens", 1024 * batch]
+    measured, estimate = measured_and_estimated(corpus, "arith=1", tmp_path / "r", *flags,
+                                                *["--activation-checkpointing"] * checkpointing)
+    assert abs(measured / estimate - 1) <= MEMORY_TOLERANCE, (measured / 2**20, estimate / 2**20)
+
+
+@pytest.mark.slow
+def test_memory_estimate_at_140m(tmp_path):
+    """The paper's smallest model (its 128k vocabulary, 15 layers) at a batch a CPU holds."""
+    write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(str(i * j) for j in range(300))} for i in range(400)])
+    data.prepare("text", [str(tmp_path / "text.jsonl")], str(tmp_path / "data"), tokenizer="llama3", workers=1)
+    measured, estimate = measured_and_estimated(tmp_path / "data", "text=1", tmp_path / "r", "--size", "140m",
+                                                "--seq-len", 256, "--batch-size", 2, "--total-batch-tokens", 512)
+    assert abs(measured / estimate - 1) <= MEMORY_TOLERANCE, (measured / 2**20, estimate / 2**20)
