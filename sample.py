@@ -288,9 +288,10 @@ def load_eval_set(path):
         question = next((fields[k] for k in QUESTION_KEYS if k in fields), None)
         answer = next((fields[k] for k in ("answer", "solution") if k in fields), None)
         if question is None or answer is None:
+            lacks = " and ".join(w for w, v in (("a question", question), ("an answer", answer)) if v is None)
             has = ", ".join(map(repr, rec)) if isinstance(rec, dict) else f"a JSON {type(rec).__name__}"
-            raise SampleError(f"{path}:{lineno}: an eval record needs a question ({', '.join(QUESTION_KEYS)}) "
-                              f"and an 'answer' (or a MATH 'solution'); it has {has or 'no fields'}")
+            raise SampleError(f"{path}:{lineno}: an eval record needs a question ({', '.join(QUESTION_KEYS)}) and an "
+                              f"answer ('answer' or a MATH 'solution'), this one lacks {lacks} (it has {has or 'no fields'})")
         out.append({"question": str(question), "answer": str(answer)})
     if not out:
         raise SampleError(f"{path} holds no eval records: one JSON object per line")

@@ -34,11 +34,11 @@ def test_load_eval_set(tmp_path):
     path = tmp_path / "eval.jsonl"
     path.write_text('{"question": "1+1", "answer": 2}\n\n{"question": "2+2", "answer": "4"}\n')
     assert sample.load_eval_set(str(path)) == [{"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": "4"}]
-    path.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2", "solution": "4"}\n')
-    with pytest.raises(sample.SampleError, match="eval.jsonl:2: .* lacks 'answer' \\(it has 'question', 'solution'\\)"):
+    path.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2", "result": "4"}\n')
+    with pytest.raises(sample.SampleError, match="eval.jsonl:2: .* lacks an answer \\(it has 'question', 'result'\\)"):
         sample.load_eval_set(str(path))
     path.write_text('["1+1", "2"]\n')
-    with pytest.raises(sample.SampleError, match="lacks 'question' and 'answer' \\(it has a JSON list\\)"):
+    with pytest.raises(sample.SampleError, match="lacks a question and an answer \\(it has a JSON list\\)"):
         sample.load_eval_set(str(path))
 
 
