@@ -384,6 +384,23 @@ def bench_sampler(args):
               tokens_per_call / t["reference"], "tok/s")
 
 
+def bench_mixing(args):
+    """mixing.py's scoring pass at 140m: per 2,048-token document, the gradient of the tied embedding (forward and
+    backward) and its benefit on one probe, as `mixing.py weights/filter` stream them. Documents/s; there is no
+    reference (the paper's code is unreleased)."""
+    import mixing
+    from runtime import Runtime
+    torch.manual_seed(0)
+    model = MobileLLM(ModelConfig.from_size("140m")).eval().requires_grad_(False)
+    params = [model.embed_tokens.weight.requires_grad_(True)]
+    rng = np.random.default_rng(0)
+    docs = [(rng.integers(0, model.config.vocab_size, 2049).astype(np.uint32), None) for _ in range(2)]
+    dirs, rt = [[torch.randn(params[0].numel())]], Runtime("cpu")
+    t = compare({"ours": lambda: mixing.benefits(model, params, dirs, docs, rt, mixing.tqdm(disable=True))},
+                "mixing", args)
+    yield row("mixing score 140m, 2k-token docs", len(docs) / t["ours"], None, "docs/s")
+
+
 def bench_cuda(args):
     """bf16 autocast training step on the GPU (float32 weights and AdamW state, as train.py runs),
     eager and torch.compile'd: tokens/s, MFU (against the GPU's dense bf16 peak) and peak memory."""
@@ -423,6 +440,7 @@ def sections(args):
         ("attention", lambda: bench_attention(args)),
         ("loss", lambda: bench_loss(args)),
         ("sampler", lambda: bench_sampler(args)),
+        ("mixing", lambda: bench_mixing(args)),
         ("cuda", lambda: bench_cuda(args) if torch.cuda.is_available() else iter(())),
         ("eval batched", lambda: bench_eval_batched(args)),
     ]

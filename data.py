@@ -276,8 +276,20 @@ PRESETS.update({p: {n: r[1] for n, r in SFT_TABLE.items() if r[2] == p} for p in
 PRESETS["toy"] = {"toy-traces": 0.9, "toy-facts": 0.1}  # not from the paper: the laptop run's sources (toydata.py)
 
 
+WEIGHTS_FORMAT = "mixing.py weights 1"  # the "format" of the weights files that --mixture @FILE reads
+
+
 def mixture_weights(mixture):
-    """A preset name or "a=0.7,b=0.3" -> {source: weight}, not yet normalised."""
+    """A preset name, "a=0.7,b=0.3" or "@FILE" (written by `python mixing.py weights --json FILE`, RECIPE section 7)
+    -> {source: weight}, not yet normalised."""
+    if mixture.startswith("@"):
+        try:
+            with open(mixture[1:]) as f:
+                saved = json.load(f)
+            weights = {WEIGHTS_FORMAT: saved["weights"]}[saved["format"]]  # KeyError: another file's format
+            mixture = ",".join(f"{n}={float(w)!r}" for n, w in weights.items() if w > 0)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise DataError(f"--mixture {mixture}: not a weights file of `python mixing.py weights --json FILE`")
     if "=" in mixture:
         weights = {}
         for item in mixture.split(","):
@@ -302,7 +314,7 @@ mixture_arg = checked(lambda text: text.startswith("@") or mixture_weights(text)
 
 
 def resolve_mixture(data_dir, mixture, renormalize=False):
-    """A preset name or "a=0.7,b=0.3" -> {source: weight} over prepared sources, weights summing to 1."""
+    """A mixture (mixture_weights) -> {source: weight} over prepared sources, weights summing to 1."""
     weights = mixture_weights(mixture)
     if not os.path.isdir(data_dir):
         raise DataError(f"data folder {data_dir} does not exist; prepare sources into it with `python data.py prepare`")
@@ -518,7 +530,8 @@ def parse_args(argv=None):
     p("--no-trace", action="store_true", help="answers without the trace (the ablation: same problems)")
     p = sub.add_parser("mix", help="show what a mixture serves").add_argument
     p("--data", default="data", type=path("dir"), help="data folder")
-    p("--mixture", required=True, type=mixture_arg, help=f"preset ({', '.join(PRESETS)}) or NAME=WEIGHT,NAME=WEIGHT")
+    p("--mixture", required=True, type=mixture_arg,
+      help=f"preset ({', '.join(PRESETS)}), NAME=WEIGHT,... or @FILE (mixing.py weights)")
     p("--rows", type=count, default=20_000, help="global rows to serve")
     p("--seq-len", type=count, default=2048, help="tokens per row, plus one")
     p("--seed", type=seed, default=0, help="sampler seed")

@@ -328,3 +328,77 @@ def toy_flags(stage, **extra):
     for k, v in settings.items():
         flags += [f"--{k.replace('_', '-')}", str(v)]
     return flags
+
+
+# -----------------------------------------------------------------------------
+# Sources of uneven value, for the mixture-finding demonstration (`python mixing.py`, RECIPE section 7)
+
+WORDS = ("the river runs past an old mill where children play and farmers bring grain to sell at the market "
+         "every morning while birds sing above green fields and quiet roads lead toward distant hills").split()
+
+
+def off_task(rng, n, words_per_doc=40):
+    """n documents of plain prose with no arithmetic: tokens the probes never need."""
+    return [" ".join(rng.choice(WORDS) for _ in range(words_per_doc)).capitalize() + "." for _ in range(n)]
+
+
+def with_planted_errors(question, rng, rate=0.7):
+    """A worked problem whose arithmetic is wrong: each digit a column line or result line computes is
+    replaced by another digit with probability `rate`, and the boxed answer is always wrong. The layout
+    is exactly the correct trace's, so only the arithmetic differs."""
+    def corrupt(digits):
+        return "".join(str((int(d) + rng.randint(1, 9)) % 10) if rng.random() < rate else d for d in digits)
+    trace, answer = solve(question)
+    lines = []
+    for line in trace.split("\n"):
+        head, eq, tail = line.rpartition("=")
+        lines.append(f"{head}={corrupt(tail)}" if eq and tail.isdigit() else line)
+    wrong = str((int(answer) + rng.randint(1, 9) * 10 ** rng.randint(0, len(answer) - 1)))
+    return f"{question}{TEXT_SEPARATOR}<think>\n" + "\n".join(lines) + f"\n</think>\n\\boxed{{{wrong}}}"
+
+
+def generate_mixing(seed=0, n_worked=3000, n_drills=800, n_errors=3000, n_off=1500, n_pool=1500, n_probe=40,
+                    n_eval=20, n_sft=1500):
+    """The demonstration corpus, deterministic in seed. Text sources:
+      worked-addsub / worked-mul: worked problems of the additive kinds (add, sub, add_sub) / of the
+        multiplicative ones (mul, mul_add); drills: drill sheets of one-step facts; errors: worked problems
+        of every kind with planted arithmetic errors (the harmful source); off-task: prose;
+      pool: a raw mid-training pool, one third each correct worked problems, planted errors and prose;
+      probe-KIND: n_probe held-out problems of each kind, worked (one probe set per skill).
+    Chat: toy-sft conversations (training problems). eval: n_eval other held-out problems per kind,
+    {"question", "answer"}. Probe and eval problems come from the held-out hash buckets: never trained on."""
+    rng = random.Random(seed)
+    additive = {k: TRAIN_WEIGHTS[k] for k in ("add", "sub", "add_sub")}
+    multiplicative = {k: TRAIN_WEIGHTS[k] for k in ("mul", "mul_add")}
+    text = {"worked-addsub": [worked_text(q) for q in _questions(rng, n_worked, additive, False, False)],
+            "worked-mul": [worked_text(q) for q in _questions(rng, n_worked, multiplicative, False, False)],
+            "drills": facts(rng, n_drills),
+            "errors": [with_planted_errors(q, rng) for q in _questions(rng, n_errors, TRAIN_WEIGHTS, False, False)],
+            "off-task": off_task(rng, n_off)}
+    third = n_pool // 3
+    text["pool"] = ([worked_text(q) for q in _questions(rng, third, TRAIN_WEIGHTS, False, False)]
+                    + [with_planted_errors(q, rng) for q in _questions(rng, third, TRAIN_WEIGHTS, False, False)]
+                    + off_task(rng, n_pool - 2 * third))
+    rng.shuffle(text["pool"])
+    evals = []
+    for kind in KINDS:
+        held = _questions(rng, n_probe + n_eval, {kind: 1.0}, held_out=True, unique=True)
+        text[f"probe-{kind}"] = [worked_text(q) for q in held[:n_probe]]
+        evals += [{"question": q, "answer": solve(q)[1]} for q in held[n_probe:]]
+    sft = [conversation(q) for q in _questions(rng, n_sft, TRAIN_WEIGHTS, False, False)]
+    return {"text_sources": text, "chat_sources": {"toy-sft": sft}, "eval": evals}
+
+
+def write_mixing_toy(out_dir, seed=0):
+    """Write and prepare generate_mixing()'s corpus in out_dir (toy tokenizer); DIR/eval.jsonl last."""
+    if os.path.isfile(os.path.join(out_dir, "eval.jsonl")):
+        return
+    corpus = generate_mixing(seed)
+    raw = os.path.join(out_dir, "raw")
+    os.makedirs(raw, exist_ok=True)
+    for key, field in (("text_sources", "text"), ("chat_sources", "messages")):
+        for name, docs in corpus[key].items():
+            path = os.path.join(raw, f"{name}.jsonl")
+            write_jsonl(path, ({field: d} for d in docs))
+            data.prepare(name, [path], out_dir, tokenizer="toy", workers=1)
+    write_jsonl(os.path.join(out_dir, "eval.jsonl"), corpus["eval"])

@@ -111,7 +111,7 @@ def parse_args(argv):
     g = p.add_argument_group("data").add_argument
     g("--stage", default="pretrain", choices=["pretrain", "midtrain", "sft"], help="recipe stage (sets defaults)")
     g("--data", type=path("dir"), help="prepared data folder (python data.py prepare / toy)")
-    g("--mixture", type=data.mixture_arg, help="preset name (e.g. pretrain-phase1) or NAME=WEIGHT,... pairs")
+    g("--mixture", type=data.mixture_arg, help="preset (e.g. pretrain-phase1), NAME=WEIGHT,... or @FILE (mixing.py)")
     g("--renormalize", action="store_true", help="let a preset use only the sources that are prepared")
     g("--eval-data", type=path("dir"),
       help="held-out data folder for the eval loss (default: --data, another seed's rows)")
