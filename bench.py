@@ -19,9 +19,10 @@ torch SDPA, causal and with a dense 8-document mask), loss (kernels.linear_cross
 recomputing in the backward or with gradients made in the forward, vs logits + F.cross_entropy),
 sampler (MixtureSampler vs nanoGPT's get_batch), compile (ours eager vs torch.compile: the first
 step, compilation included, and the steady state; only without --quick), cuda (bf16 tokens/s and
-MFU, eager and compiled; only when a GPU is present; python bench.py --only cuda). ratio = ours /
-reference: below 1 is better for s and MB, above 1 for tokens/s. A summary then says which goals
-each row meets.
+MFU, eager and compiled; only when a GPU is present; python bench.py --only cuda), eval batched
+(sample.py's --eval-file path on the toy model: 32 prompts of 8 to 200 tokens, 128 new tokens each,
+batch 16 left-padded vs one at a time). ratio = ours / reference: below 1 is better for s and MB,
+above 1 for tokens/s and problems/s. A summary then says which goals each row meets.
 
 Peak memory on CPU: torch keeps no peak statistics for CPU tensors, so we ask the kernel. Each memory
 figure comes from a fresh child process (this file with --memory-child) started with
@@ -352,6 +353,33 @@ def bench_generate(args):
     yield row(f"{name} memory-bandwidth utilisation", use["ours"], use["reference"], "%")
 
 
+EVAL_PROMPTS, EVAL_BATCH, EVAL_NEW = 32, 16, 128  # eval batched: prompts, rows per batch, new tokens
+
+
+def build_eval_batched():
+    """sample.generate_batched on a toy model: `ours` batches EVAL_BATCH prompts, `reference` runs one
+    at a time (the same prompts; the generated tokens are identical, tests/test_sample.py)."""
+    import sample
+    from tokenizer import get_tokenizer
+    torch.manual_seed(0)
+    model, enc = MobileLLM(ModelConfig.from_size("toy")).eval(), get_tokenizer("toy")
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.linspace(8, 200, EVAL_PROMPTS).long()[torch.randperm(EVAL_PROMPTS, generator=g)]
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths.tolist()]
+
+    def run(batch_size):
+        args = argparse.Namespace(batch_size=batch_size, num_samples=1, max_new_tokens=EVAL_NEW,
+                                  temperature=0.0, top_k=None, top_p=None, seed=0)
+        return lambda: sample.generate_batched(model, enc, prompts, args)
+    return {"ours": run(EVAL_BATCH), "reference": run(1)}
+
+
+def bench_eval_batched(args):
+    t = compare(build_eval_batched(), "eval batched", args)
+    yield row(f"eval {EVAL_PROMPTS} mixed-length prompts: batch {EVAL_BATCH} vs one at a time",
+              EVAL_PROMPTS / t["ours"], EVAL_PROMPTS / t["reference"], "problems/s")
+
+
 def bench_attention(args):
     cases = [dict(T=T, docs=docs) for docs in (0, ATTN_DOCS) for T in args.lengths]
     mem = {side: measure_memory("attention", cases, side, args.threads) for side in SIDES}
@@ -505,6 +533,7 @@ def sections(args):
         ("compile", lambda: bench_compile(args) if not args.quick or args.only else iter(())),
         ("mixing", lambda: bench_mixing(args)),
         ("cuda", lambda: bench_cuda(args) if torch.cuda.is_available() else iter(())),
+        ("eval batched", lambda: bench_eval_batched(args)),
     ]
 
 
@@ -542,6 +571,7 @@ GOALS = [
     ("loss 140m 2x256 fwd+bwd (*) peak memory", lambda r: r["ratio"] <= 0.5,
      "chunked loss <= 1/2 the naive peak memory"),
     ("cuda 140m * compile MFU", lambda r: r["ours"] >= 45, "140m bf16 compiled >= 45% MFU"),
+    ("eval * mixed-length prompts: *", lambda r: r["ratio"] >= 4, "batched eval >= 4x the problems/s"),
 ]
 
 

@@ -154,13 +154,17 @@ def apply_rope(x, cos, sin, interleaved=True):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (n_layer, B, n_kv_head, max_len, head_dim)."""
+    """Preallocated keys and values for every layer: (n_layer, B, n_kv_head, max_len, head_dim).
+    pad (B,): how many positions each row is left-padded by, None when no row is (a batch of prompts
+    of different lengths, right-aligned): padded keys are masked out and each row's RoPE positions
+    start at its first real token, so a row computes what it would alone."""
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
+    def __init__(self, config, batch_size, max_len, device, dtype, pad=None):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # number of positions already written
+        self.pad = pad if pad is not None and bool(pad.any()) else None
 
     def update(self, layer, k, v):
         """Write k, v (B, KV, T, D) at the current position; return the keys and values so far."""
@@ -169,10 +173,29 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def positions(self, T):
+        """RoPE positions (B, T) of the next T tokens of each padded row (padding clamped to 0)."""
+        written = torch.arange(self.pos, self.pos + T, device=self.pad.device)
+        return (written[None] - self.pad[:, None]).clamp(min=0)
+
+    def key_doc_ids(self, end):
+        """(B, end): 1 for a row's real keys, 0 for its padding. As attention's doc_ids, a real token
+        never sees padding (and a padding query sees only padding, so no row of the softmax is empty)."""
+        return (torch.arange(end, device=self.pad.device)[None] >= self.pad[:, None]).long()
+
     def repeat(self, n):
         """Each row repeated n times (prefill a prompt once, then sample n continuations)."""
         self.k = self.k.repeat_interleave(n, dim=1)
         self.v = self.v.repeat_interleave(n, dim=1)
+        if self.pad is not None:
+            self.pad = self.pad.repeat_interleave(n)
+
+
+def left_pad(prompts, pad_id=0):
+    """Token lists of any lengths -> (idx (B, T) right-aligned, lengths (B,)), for generate(lengths=)."""
+    T = max(map(len, prompts))
+    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    return idx, torch.tensor([len(p) for p in prompts], dtype=torch.long)
 
 
 class Attention(nn.Module):
@@ -195,10 +218,13 @@ class Attention(nn.Module):
         if self.qk_norm:  # after RoPE, the weightless QK-norm (RMS over each head's dims), as in the reference
             q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)  # float32 in: no rounding in between
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        backend = None
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+            if cache.pad is not None:  # left-padded rows: their padding is a document of its own
+                doc_ids, backend = cache.key_doc_ids(k.size(2)), "sdpa"
         # Query head j reads kv head j // (n_head / n_kv_head): kernels.attention handles the grouping.
-        y = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids)
+        y = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids, backend=backend)
         return linear(y.transpose(1, 2).reshape(B, T, -1), self.o_proj.weight)
 
 
@@ -279,10 +305,18 @@ class MobileLLM(nn.Module):
         """Final-normed hidden states (B, T, d_model). doc_ids (B, T) keeps packed documents apart."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ModelError(f"sequence of {start + T} tokens exceeds the model's context of "
+        padded = cache is not None and cache.pad is not None
+        # A padded batch runs until its last row is done: rows already past the context (stream yields
+        # -1 for them) are clamped to its last position; only a batch with no row left inside fails.
+        end = int(cache.positions(T)[:, -1].min()) + 1 if padded else start + T
+        if end > self.config.max_seq_len:
+            raise ModelError(f"sequence of {end} tokens exceeds the model's context of "
                              f"{self.config.max_seq_len}: shorten the input")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if padded:  # per-row positions (B, T, head_dim / 2)
+            positions = cache.positions(T).clamp(max=self.config.max_seq_len - 1)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        else:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.embed_tokens(idx)
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -321,19 +355,27 @@ class MobileLLM(nn.Module):
 
     @torch.inference_mode()
     def stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None,
-               num_samples=1, seed=None, use_cache=True):
+               num_samples=1, seed=None, use_cache=True, lengths=None):
         """Yield the next token of every row, (B * num_samples,), one step at a time. The prompt is
         prefilled once into a preallocated KV cache, then repeated for num_samples continuations.
-        Rows that produced a stop id keep repeating it; the stream ends when every row has stopped."""
+        Rows that produced a stop id keep repeating it; the stream ends when every row has stopped.
+        lengths (B,): prompts of different lengths, left-padded (left_pad): row b's prompt is its last
+        lengths[b] tokens, and it generates what it would alone; a row that reaches the context
+        while others go on yields -1 from then on."""
         if temperature < 0:
             raise ModelError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ModelError(f"top_p must be in (0, 1], got {top_p}")
         B, T = idx.shape
-        total = min(T + max_new_tokens, self.config.max_seq_len)
-        if T >= self.config.max_seq_len:
-            raise ModelError(f"prompt of {T} tokens does not fit the model's context of "
+        lengths = torch.full((B,), T) if lengths is None else torch.as_tensor(lengths).cpu()
+        if int(lengths.max()) >= self.config.max_seq_len:
+            raise ModelError(f"prompt of {int(lengths.max())} tokens does not fit the model's context of "
                              f"{self.config.max_seq_len}: shorten it")
+        if int(lengths.max()) > T or int(lengths.min()) < 1 or (not use_cache and bool((lengths < T).any())):
+            raise ValueError(f"lengths must be in [1, {T}] (and padded rows need the cache), got {lengths.tolist()}")
+        # Each row's own budget: max_new_tokens, or what is left of the context after its prompt.
+        budget = (self.config.max_seq_len - lengths).clamp(max=max_new_tokens).repeat_interleave(num_samples)
+        budget = budget.to(idx.device)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -341,7 +383,7 @@ class MobileLLM(nn.Module):
         cache = None
         if use_cache:
             dtype = self.embed_tokens.weight.dtype
-            cache = KVCache(self.config, B, total, idx.device, dtype)
+            cache = KVCache(self.config, B, T + int(budget.max()), idx.device, dtype, pad=(T - lengths).to(idx.device))
             logits = self(idx, cache=cache, last_only=True)
             cache.repeat(num_samples)
         else:
@@ -350,25 +392,26 @@ class MobileLLM(nn.Module):
         seq = idx.repeat_interleave(num_samples, dim=0)
         finished = torch.zeros(seq.size(0), dtype=torch.bool, device=idx.device)
         last = torch.zeros(seq.size(0), dtype=torch.long, device=idx.device)
-        for _ in range(total - T):
+        for step in range(int(budget.max())):
             token = sample_token(logits.float(), temperature, top_k, top_p, generator)
-            token = torch.where(finished, last, token)
-            finished |= torch.isin(token, stop)
+            token = torch.where(budget > step, torch.where(finished, last, token), -1)
+            finished |= torch.isin(token, stop) | (budget <= step + 1)
             last = token
             yield token
             if bool(finished.all()):
                 return
             if use_cache:
-                logits = self(token[:, None], cache=cache, last_only=True)
+                logits = self(token.clamp(min=0)[:, None], cache=cache, last_only=True)
             else:
                 seq = torch.cat([seq, token[:, None]], dim=1)
                 logits = self(seq, last_only=True)
 
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None,
-                 num_samples=1, seed=None, use_cache=True):
-        """Prompt (B, T) -> (B * num_samples, T + new) token ids; temperature 0 is greedy."""
+                 num_samples=1, seed=None, use_cache=True, lengths=None):
+        """Prompt (B, T) -> (B * num_samples, T + new) token ids; temperature 0 is greedy. lengths:
+        see stream (prompts of different lengths in one batch)."""
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                               num_samples, seed, use_cache))
+                               num_samples, seed, use_cache, lengths))
         prompt = idx.repeat_interleave(num_samples, dim=0)
         return torch.cat([prompt] + [t[:, None] for t in new], dim=1)
 

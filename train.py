@@ -531,7 +531,7 @@ def run_toy(rt):
     if not rt.master:
         return
     print(f"\ntoy training done in {(time.time() - t_start) / 60:.1f} min; model in {out}/")
-    # Scored exactly as `python sample.py --eval N` scores it: greedy, last \boxed{} (RECIPE section 6).
+    # Scored exactly as `python sample.py --eval N` scores it: --protocol ours, graded by grading.grade.
     flags = ["--ckpt", out, "--eval", toydata.TOY_RUN["eval_problems"], "--eval-file", data_dir / "eval.jsonl",
              "--max-new-tokens", toydata.TOY_RUN["max_new_tokens"], "--device", str(rt.device),
              "--dtype", str(rt.dtype).removeprefix("torch.")]

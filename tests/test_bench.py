@@ -33,7 +33,7 @@ def test_attention_and_sampler_rows_and_json(tmp_path):
     for r in rows:
         assert r["ours"] > 0 and r["reference"] > 0, r
         assert r["ratio"] == pytest.approx(r["ours"] / r["reference"])
-        assert r["unit"] in ("s", "MB", "x", "tok/s")
+        assert r["unit"] in ("s", "MB", "x", "tok/s", "problems/s")
     assert "| ratio" in proc.stdout and names[0] in proc.stdout  # the table is printed too
 
 
@@ -59,7 +59,7 @@ def test_bad_flags_exit_2_with_one_line():
     assert proc.returncode == 2 and "--lengths" in proc.stderr
 
 
-def test_train_and_generate_rows_name_the_issue_goals(monkeypatch):
+def test_train_and_generate_rows_carry_the_goal_names(monkeypatch):
     """The rows the README quotes, in-process at tiny shapes (the goals match on exact names)."""
     import argparse
     from model import ModelConfig
@@ -115,3 +115,13 @@ def test_cuda_section_logic_on_cpu(monkeypatch):
     for tok_s, mfu, mem in (rows[:3], rows[3:]):
         assert tok_s["ours"] > 0 and mfu["ours"] == pytest.approx(100 * flops * tok_s["ours"] / 1e9)
         assert mem["ours"] == mem["reference"] == 3.0
+
+
+def test_eval_batched_row(tmp_path):
+    """The batched-evaluation row: problems/s of sample.py's batched path vs one prompt at a time."""
+    out = tmp_path / "bench.json"
+    proc = run_bench("--only", "eval batched", "--reps", "1", "--warmup", "0", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    (r,) = json.loads(out.read_text())
+    assert r["unit"] == "problems/s" and "batch 16 vs one at a time" in r["name"]
+    assert r["ours"] > 0 and r["reference"] > 0 and r["ratio"] == pytest.approx(r["ours"] / r["reference"])
