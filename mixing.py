@@ -549,6 +549,8 @@ def parse_args(argv):
     common.add_argument("--probe-docs", type=at_least_0, default=64, help="documents per probe set (0: all)")
     common.add_argument("--seed", type=at_least_0, default=0, help="seed of the document samples and of training")
     common.add_argument("--device", default="auto", type=device_name, help="auto, cuda, mps or cpu")
+    common.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: bfloat16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else float32")
     common.add_argument("--sources", type=names, help="comma-separated sources")
     scoring = ArgumentParser(add_help=False)
     scoring.add_argument("--ckpt", action="append", required=True, metavar="RUN_OR_CKPT",
@@ -588,7 +590,7 @@ def main(argv=None):
         if args.command is None:
             demo(Runtime())
         else:
-            {"loo": loo, "weights": weights, "filter": filter_source}[args.command](args, Runtime(args.device))
+            {"loo": loo, "weights": weights, "filter": filter_source}[args.command](args, Runtime(args.device, args.dtype))
         if dist.is_initialized():
             dist.barrier()
     except (MixingError, ModelError, data.DataError, TokenizerError, DeviceError, train.TrainError) as e:

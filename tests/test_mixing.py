@@ -145,13 +145,15 @@ def test_same_sample_with_wrong_answers_scores_negative(corpus):
 
 
 def run_cli(*argv, env=None):
+    if argv and argv[0] in ("loo", "weights", "filter") and "--dtype" not in argv:
+        argv = (*argv, "--dtype", "float32")  # as the in-process scoring the tests compare with
     return subprocess.run([sys.executable, "mixing.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
                           env=env, timeout=300)
 
 
 def weights_argv(corpus, out):
     return ["weights", "--data", corpus, "--sources", "good,bad,prose", "--probe", f"facts={corpus}/probe",
-            "--ckpt", corpus / "run", "--docs", 24, "--hessian-docs", 24, "--json", out]
+            "--ckpt", corpus / "run", "--docs", 24, "--hessian-docs", 24, "--json", out, "--dtype", "float32"]
 
 
 def test_weights_sum_to_one_and_train_on_them(corpus, tmp_path):
