@@ -37,16 +37,24 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import kernels
 import train
 from model import ModelError, latest_checkpoint, load_model
 from runtime import DeviceError, Runtime
 from tokenizer import TokenizerError
 
 # The parameters whose gradients the influence is measured on (RECIPE section 7: "the embedding and output
-# layers"). Ours are one tied matrix (RECIPE section 2), so that matrix is the subset: its gradient carries
-# both roles, the input embedding of every token the document holds and the output projection onto every
-# token it predicts. It is one DataInf "layer" (its own damping); --params adds others as further layers.
-DEFAULT_PARAMS = ("embed_tokens.weight",)
+# layers"). Ours are one tied matrix E (RECIPE section 2) used twice: as the output projection (logits = h E^T)
+# and as the input embedding (a row lookup). Its gradient is the sum of the two uses' gradients, and the
+# input use's part (the rows of the tokens a document holds, pushed by everything downstream) is as large for a
+# wrong sample as for the right one, since both share the layout: summed, it swamped the sign of the output part.
+# So, as the paper measures two layers, we measure the two uses as two DataInf layers, each with its own damping:
+# OUTPUT = dL/dE through logits = h E^T only, INPUT = dL/dE through the lookup only (the final norm and other
+# named parameters can be added with --params). OUTPUT alone is the default: the output layer's gradient,
+# (softmax - onehot(target)) h^T per position, says directly which tokens the document teaches the model to
+# predict, so a wrong answer's gradient opposes the right one's (tests/test_mixing.py measures it).
+OUTPUT, INPUT = "output", "input"
+DEFAULT_PARAMS = (OUTPUT,)
 DAMPING = 0.1  # lambda_l = 0.1 * mean ||g_il||^2 / d_l (DataInf's default, RECIPE section 7); --damping
 
 
@@ -138,11 +146,15 @@ def load_scorer(file, sources, rt, param_names):
     if model.config.vocab_size < src.meta["vocab_size"] or foreign:
         raise MixingError(f"checkpoint {file} has a vocabulary of {model.config.vocab_size} ({tokenizer}), the data "
                           f"{src.meta['vocab_size']} ({src.meta['tokenizer']}): use a model of the data's tokenizer")
-    named = dict(model.named_parameters())
+    named = dict(model.named_parameters()) | {OUTPUT: model.lm_head_weight, INPUT: model.embed_tokens.weight}
     if any(n not in named for n in param_names):
-        raise MixingError(f"--params {','.join(param_names)}: no such parameter; e.g. {', '.join(list(named)[:3])}")
+        raise MixingError(f"--params {','.join(param_names)}: no such parameter; e.g. {OUTPUT}, {INPUT}, "
+                          f"{', '.join(list(named)[:3])}")
     model.eval().requires_grad_(False)
-    return model, [named[n].requires_grad_(True) for n in param_names]
+    for n in param_names:
+        if n not in (OUTPUT, INPUT):
+            named[n].requires_grad_(True)
+    return model, list(param_names)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -158,14 +170,30 @@ def doc_tensors(tokens, mask, max_len, device):
 
 
 def doc_gradient(model, params, tokens, mask, rt):
-    """Flat float32 gradients of the document's mean token loss on params, and its supervised tokens (or None, 0)."""
+    """Flat float32 gradients of the document's mean token loss on params (names; OUTPUT / INPUT: the tied
+    matrix's two uses, each through its own detached copy), and its supervised tokens (or None, 0)."""
     x, y = doc_tensors(tokens, mask, model.config.max_seq_len, rt.device)
     n = int((y != -100).sum())
     if n == 0:
         return None, 0
-    with rt.autocast():  # bf16 on CUDA
-        _, loss = model(x, y, return_logits=False)
-    return [g.float().flatten() for g in torch.autograd.grad(loss, params)], n
+    E, w_out, looked_up = model.embed_tokens.weight, model.lm_head_weight, []
+    if not w_out.requires_grad:  # not named itself: the output use alone, through a detached copy
+        w_out = w_out.detach().requires_grad_(OUTPUT in params)
+    # the input use: the lookup's output as a leaf (gradient scattered back to the rows below)
+    hook = model.embed_tokens.register_forward_hook(
+        lambda m, i, o: None if E.requires_grad else looked_up.append(o.detach().requires_grad_(INPUT in params))
+        or looked_up[-1])
+    try:
+        with rt.autocast():  # bf16 on CUDA
+            loss = kernels.linear_cross_entropy(model.forward_hidden(x), w_out, y, recompute=False)
+    finally:
+        hook.remove()
+    named = dict(model.named_parameters())
+    wrt = [w_out if p == OUTPUT else looked_up[0] if p == INPUT else named[p] for p in params]
+    grads = torch.autograd.grad(loss, wrt)
+    grads = [torch.zeros_like(E, dtype=torch.float32).index_add_(0, x.flatten(), g.float().flatten(0, 1))
+             if p == INPUT else g for p, g in zip(params, grads)]
+    return [g.float().flatten() for g in grads], n
 
 
 def each_gradient(model, params, docs, rt, bar):
@@ -189,7 +217,9 @@ def directions(model, params, probes, hessian, rt, bar, damping=DAMPING):
         lambda_l = 0.1 mean_i ||g_il||^2 / d_l,  c_i = <v_l, g_il> / (lambda_l + ||g_il||^2),
         h_l = (1 / (n lambda_l)) sum_i (v_l - c_i g_il) = v_l / lambda_l - sum_i c_i g_il / (n lambda_l),
     i.e. the mean over samples of the exactly inverted (g_i g_i^T + lambda I): each by Sherman-Morrison."""
-    dev, dims = rt.device, [p.numel() for p in params]
+    named = dict(model.named_parameters())
+    dev = rt.device
+    dims = [model.embed_tokens.weight.numel() if p in (OUTPUT, INPUT) else named[p].numel() for p in params]
     v = []
     for docs in probes:
         acc = [torch.zeros(d, device=dev) for d in dims] + [torch.zeros(1, device=dev)]
@@ -553,7 +583,7 @@ def parse_args(argv):
     scoring.add_argument("--hessian-docs", type=int, default=256, help="documents for the damped Hessian")
     scoring.add_argument("--damping", type=float, default=DAMPING, help="lambda_l = DAMPING x mean ||g_l||^2 / d_l")
     scoring.add_argument("--params", type=lambda s: s.split(","), default=list(DEFAULT_PARAMS),
-                         help="parameters measured, comma-separated (default: the tied embedding)")
+                         help=f"measured layers, comma-separated: {OUTPUT} / {INPUT} (the tied matrix's two uses) or parameter names")
     common.add_argument("--sources", type=lambda s: [x for x in s.split(",") if x], help="comma-separated sources")
     q = sub.add_parser("loo", parents=[common], help="leave-one-out runs (Eq. 1)")
     q.add_argument("--steps", type=int, required=True, help="optimizer steps of every run")

@@ -342,19 +342,17 @@ def off_task(rng, n, words_per_doc=40):
     return [" ".join(rng.choice(WORDS) for _ in range(words_per_doc)).capitalize() + "." for _ in range(n)]
 
 
-def with_planted_errors(question, rng, rate=0.7):
-    """A worked problem whose arithmetic is wrong: each digit a column line or result line computes is
-    replaced by another digit with probability `rate`, and the boxed answer is always wrong. The layout
-    is exactly the correct trace's, so only the arithmetic differs."""
-    def corrupt(digits):
-        return "".join(str((int(d) + rng.randint(1, 9)) % 10) if rng.random() < rate else d for d in digits)
+def with_planted_errors(question, shift=1):
+    """A worked problem computed by a systematic wrong rule: every number the trace computes (each one
+    right after an "=") and the boxed answer have each digit raised by `shift`, mod 10 ("7+5+0=13",
+    "=0672" -> "=1783"). Consistently wrong, so a model learns the rule, which contradicts the correct
+    traces token for token; the layout is exactly the correct trace's, so only the arithmetic differs."""
+    def corrupt(m):
+        return m.group(1) + "".join(str((int(d) + shift) % 10) for d in m.group(2))
     trace, answer = solve(question)
-    lines = []
-    for line in trace.split("\n"):
-        head, eq, tail = line.rpartition("=")
-        lines.append(f"{head}={corrupt(tail)}" if eq and tail.isdigit() else line)
-    wrong = str((int(answer) + rng.randint(1, 9) * 10 ** rng.randint(0, len(answer) - 1)))
-    return f"{question}{TEXT_SEPARATOR}<think>\n" + "\n".join(lines) + f"\n</think>\n\\boxed{{{wrong}}}"
+    trace = re.sub(r"(=)(\d+)", corrupt, trace)
+    wrong = re.sub(r"()(\d+)", corrupt, answer)
+    return f"{question}{TEXT_SEPARATOR}<think>\n{trace}\n</think>\n\\boxed{{{wrong}}}"
 
 
 def generate_mixing(seed=0, n_worked=3000, n_drills=800, n_errors=3000, n_off=1500, n_pool=1500, n_probe=40,
@@ -373,11 +371,11 @@ def generate_mixing(seed=0, n_worked=3000, n_drills=800, n_errors=3000, n_off=15
     text = {"worked-addsub": [worked_text(q) for q in _questions(rng, n_worked, additive, False, False)],
             "worked-mul": [worked_text(q) for q in _questions(rng, n_worked, multiplicative, False, False)],
             "drills": facts(rng, n_drills),
-            "errors": [with_planted_errors(q, rng) for q in _questions(rng, n_errors, TRAIN_WEIGHTS, False, False)],
+            "errors": [with_planted_errors(q) for q in _questions(rng, n_errors, TRAIN_WEIGHTS, False, False)],
             "off-task": off_task(rng, n_off)}
     third = n_pool // 3
     text["pool"] = ([worked_text(q) for q in _questions(rng, third, TRAIN_WEIGHTS, False, False)]
-                    + [with_planted_errors(q, rng) for q in _questions(rng, third, TRAIN_WEIGHTS, False, False)]
+                    + [with_planted_errors(q) for q in _questions(rng, third, TRAIN_WEIGHTS, False, False)]
                     + off_task(rng, n_pool - 2 * third))
     rng.shuffle(text["pool"])
     evals = []
