@@ -343,16 +343,14 @@ def off_task(rng, n, words_per_doc=40):
 
 
 def with_planted_errors(question, shift=1):
-    """A worked problem computed by a systematic wrong rule: every number the trace computes (each one
-    right after an "=") and the boxed answer have each digit raised by `shift`, mod 10 ("7+5+0=13",
-    "=0672" -> "=1783"). Consistently wrong, so a model learns the rule, which contradicts the correct
-    traces token for token; the layout is exactly the correct trace's, so only the arithmetic differs."""
-    def corrupt(m):
-        return m.group(1) + "".join(str((int(d) + shift) % 10) for d in m.group(2))
+    """A worked problem written by a systematic wrong rule: every digit of the trace and of the boxed answer
+    is raised by `shift`, mod 10 (the question itself stays right), so each operand is miscopied and each
+    column and result is wrong ("682+361" is worked as "793+472", "3+2+1=14", ...) in the same way every time.
+    A model learns the rule, which contradicts the correct traces token for token; the layout is exactly the
+    correct trace's, so only the digits differ."""
     trace, answer = solve(question)
-    trace = re.sub(r"(=)(\d+)", corrupt, trace)
-    wrong = re.sub(r"()(\d+)", corrupt, answer)
-    return f"{question}{TEXT_SEPARATOR}<think>\n{trace}\n</think>\n\\boxed{{{wrong}}}"
+    shifted = "".join(str((int(c) + shift) % 10) if c.isdigit() else c for c in f"{trace}\n</think>\n\\boxed{{{answer}}}")
+    return f"{question}{TEXT_SEPARATOR}<think>\n{shifted}"
 
 
 def generate_mixing(seed=0, n_worked=3000, n_drills=800, n_errors=3000, n_off=1500, n_pool=1500, n_probe=40,
