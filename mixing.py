@@ -467,7 +467,7 @@ DEMO_DIR, DEMO_OUT = "data/toy-mix", "out/mixing"
 DEMO_SOURCES = ["worked-addsub", "worked-mul", "drills", "errors", "off-task"]
 # The hand-set toy mixture (data.PRESETS["toy"]: 90% worked problems, 10% drill sheets) on these sources.
 DEMO_HAND_SET = "worked-addsub=0.45,worked-mul=0.45,drills=0.1"
-DEMO = dict(loo_steps=100, pretrain_steps=200, sft_steps=30, midtrain_steps=60, seeds=(0, 1), eval_problems=0)
+DEMO = dict(loo_steps=200, pretrain_steps=200, sft_steps=30, midtrain_steps=60, seeds=(0, 1), eval_problems=0)
 
 
 def sft_accuracy(run_dir, pre_dir, args, rt, seed):
