@@ -44,16 +44,12 @@ from runtime import DeviceError, Runtime
 from tokenizer import TokenizerError
 
 # The parameters whose gradients the influence is measured on (RECIPE section 7: "the embedding and output
-# layers"). Ours are one tied matrix E (RECIPE section 2) used twice: as the output projection (logits = h E^T)
-# and as the input embedding (a row lookup). Its gradient is the sum of the two uses' gradients, and the
-# input use's part (the rows of the tokens a document holds, pushed by everything downstream) is as large for a
-# wrong sample as for the right one, since both share the layout: summed, it swamped the sign of the output part.
-# So, as the paper measures two layers, we measure the two uses as two DataInf layers, each with its own damping:
-# OUTPUT = dL/dE through logits = h E^T only, INPUT = dL/dE through the lookup only (the final norm and other
-# named parameters can be added with --params). OUTPUT alone is the default: the output layer's gradient,
-# (softmax - onehot(target)) h^T per position, says directly which tokens the document teaches the model to
-# predict, so a wrong answer's gradient opposes the right one's (tests/test_mixing.py measures it).
-OUTPUT, INPUT = "output", "input"
+# layers"). Ours are one tied matrix E (RECIPE section 2) with two uses. The default, OUTPUT, is its output use
+# alone: dL/dE through logits = h E^T, (softmax - onehot) h^T per position, which says which tokens a document
+# teaches the model to predict, and needs no backward pass. --params embed_tokens.weight takes E's whole gradient
+# (output and input use); its input part moves with everything downstream and made the planted-error source look
+# helpful (RESULTS.md). Named parameters (e.g. norm.weight) can be added: each is a DataInf layer, own damping.
+OUTPUT = "output"
 DEFAULT_PARAMS = (OUTPUT,)
 DAMPING = 0.1  # lambda_l = 0.1 * mean ||g_il||^2 / d_l (DataInf's default, RECIPE section 7); --damping
 
@@ -109,11 +105,10 @@ def parse_probe(spec):
 
 
 def open_sources(data_dir, names):
-    names = names or []
     if not os.path.isdir(data_dir):
         raise MixingError(f"--data {data_dir} does not exist; prepare sources into it with `python data.py prepare`")
     prepared = sorted(d for d in os.listdir(data_dir) if data.read_meta(os.path.join(data_dir, d)) is not None)
-    unknown = [n for n in names if n not in prepared]
+    unknown = [n for n in names or [] if n not in prepared]
     if unknown or not names:
         raise MixingError(f"unknown source {', '.join(unknown) or '(none given)'} in {data_dir}; prepared: "
                           f"{', '.join(prepared) or 'none'}")
@@ -146,14 +141,12 @@ def load_scorer(file, sources, rt, param_names):
     if model.config.vocab_size < src.meta["vocab_size"] or foreign:
         raise MixingError(f"checkpoint {file} has a vocabulary of {model.config.vocab_size} ({tokenizer}), the data "
                           f"{src.meta['vocab_size']} ({src.meta['tokenizer']}): use a model of the data's tokenizer")
-    named = dict(model.named_parameters()) | {OUTPUT: model.lm_head_weight, INPUT: model.embed_tokens.weight}
+    named = dict(model.named_parameters()) | {OUTPUT: model.lm_head_weight}
     if any(n not in named for n in param_names):
-        raise MixingError(f"--params {','.join(param_names)}: no such parameter; e.g. {OUTPUT}, {INPUT}, "
-                          f"{', '.join(list(named)[:3])}")
+        raise MixingError(f"--params {','.join(param_names)}: no such parameter; e.g. {', '.join(list(named)[-4:])}")
     model.eval().requires_grad_(False)
-    for n in param_names:
-        if n not in (OUTPUT, INPUT):
-            named[n].requires_grad_(True)
+    for n in set(param_names) - {OUTPUT}:
+        named[n].requires_grad_(True)
     return model, list(param_names)
 
 
@@ -170,30 +163,19 @@ def doc_tensors(tokens, mask, max_len, device):
 
 
 def doc_gradient(model, params, tokens, mask, rt):
-    """Flat float32 gradients of the document's mean token loss on params (names; OUTPUT / INPUT: the tied
-    matrix's two uses, each through its own detached copy), and its supervised tokens (or None, 0)."""
+    """Flat float32 gradients of the document's mean token loss on params (names, or OUTPUT), and its
+    supervised tokens (or None, 0)."""
     x, y = doc_tensors(tokens, mask, model.config.max_seq_len, rt.device)
     n = int((y != -100).sum())
     if n == 0:
         return None, 0
-    E, w_out, looked_up = model.embed_tokens.weight, model.lm_head_weight, []
-    if not w_out.requires_grad:  # not named itself: the output use alone, through a detached copy
-        w_out = w_out.detach().requires_grad_(OUTPUT in params)
-    # the input use: the lookup's output as a leaf (gradient scattered back to the rows below)
-    hook = model.embed_tokens.register_forward_hook(
-        lambda m, i, o: None if E.requires_grad else looked_up.append(o.detach().requires_grad_(INPUT in params))
-        or looked_up[-1])
-    try:
-        with rt.autocast():  # bf16 on CUDA
-            loss = kernels.linear_cross_entropy(model.forward_hidden(x), w_out, y, recompute=False)
-    finally:
-        hook.remove()
-    named = dict(model.named_parameters())
-    wrt = [w_out if p == OUTPUT else looked_up[0] if p == INPUT else named[p] for p in params]
-    grads = torch.autograd.grad(loss, wrt)
-    grads = [torch.zeros_like(E, dtype=torch.float32).index_add_(0, x.flatten(), g.float().flatten(0, 1))
-             if p == INPUT else g for p, g in zip(params, grads)]
-    return [g.float().flatten() for g in grads], n
+    w_out = model.lm_head_weight
+    if not w_out.requires_grad:  # not named itself: its output use alone, through a detached copy
+        w_out = w_out.detach().requires_grad_()
+    with rt.autocast():  # bf16 on CUDA
+        loss = kernels.linear_cross_entropy(model.forward_hidden(x), w_out, y, recompute=False)
+    named = dict(model.named_parameters()) | {OUTPUT: w_out}
+    return [g.float().flatten() for g in torch.autograd.grad(loss, [named[p] for p in params])], n
 
 
 def each_gradient(model, params, docs, rt, bar):
@@ -206,9 +188,7 @@ def each_gradient(model, params, docs, rt, bar):
 
 
 def all_sum(rt, tensors):
-    for t in tensors:
-        rt.all_sum(t)
-    return tensors
+    return [rt.all_sum(t) for t in tensors]  # in place
 
 
 def directions(model, params, probes, hessian, rt, bar, damping=DAMPING):
@@ -217,9 +197,8 @@ def directions(model, params, probes, hessian, rt, bar, damping=DAMPING):
         lambda_l = 0.1 mean_i ||g_il||^2 / d_l,  c_i = <v_l, g_il> / (lambda_l + ||g_il||^2),
         h_l = (1 / (n lambda_l)) sum_i (v_l - c_i g_il) = v_l / lambda_l - sum_i c_i g_il / (n lambda_l),
     i.e. the mean over samples of the exactly inverted (g_i g_i^T + lambda I): each by Sherman-Morrison."""
-    named = dict(model.named_parameters())
-    dev = rt.device
-    dims = [model.embed_tokens.weight.numel() if p in (OUTPUT, INPUT) else named[p].numel() for p in params]
+    named, dev = dict(model.named_parameters()) | {OUTPUT: model.lm_head_weight}, rt.device
+    dims = [named[p].numel() for p in params]
     v = []
     for docs in probes:
         acc = [torch.zeros(d, device=dev) for d in dims] + [torch.zeros(1, device=dev)]
@@ -240,7 +219,7 @@ def directions(model, params, probes, hessian, rt, bar, damping=DAMPING):
             for c in range(P):
                 dots[i, c, l] = torch.dot(v[c][l], gl)
     norms, dots, valid = all_sum(rt, [norms, dots, valid])
-    n_valid = valid.sum().clamp(min=1)
+    n_valid = valid.sum().clamp(min=1)  # lambda_l: DataInf's damping rule, damping x mean ||g_il||^2 / d_l
     lam = damping * norms.sum(0) / n_valid / torch.tensor(dims, dtype=torch.float64, device=dev)
     coef = dots / (lam + norms)[:, None, :] * valid[:, None, None]  # c_i, per probe and layer
     acc = [[torch.zeros(d, dtype=torch.float64, device=dev) for d in dims] for _ in range(P)]
@@ -271,8 +250,7 @@ def joint_benefit(ckpts, sources, probes, docs, hessian, rt, param_names=DEFAULT
                   damping=DAMPING):
     """Eq. 5: per-document benefit (n, probes), summed over checkpoints with alpha_t proportional to the
     checkpoint's step t (normalised to sum 1); and the documents' supervised tokens."""
-    alpha = np.array([step for _, step in ckpts], dtype=np.float64)
-    alpha /= alpha.sum()
+    alpha = np.array([step for _, step in ckpts], dtype=np.float64) / sum(step for _, step in ckpts)
     total = None
     work = len(ckpts) * (sum(len(p) for p in probes) + 2 * len(hessian) + len(docs))
     bar = tqdm(total=work, desc=desc, unit="doc", disable=not rt.master or None, dynamic_ncols=True)
@@ -296,6 +274,11 @@ def probe_loss(model, docs, rt):
         total += torch.stack([loss.double(), (y != -100).sum().double()])
     total = rt.all_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def final_probe_losses(run_or_ckpt, probes, rt):
+    model = load_model(run_or_ckpt, rt.device)[0]
+    return {p: probe_loss(model, docs, rt) for p, docs in probes.items()}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -341,10 +324,8 @@ def loo(args, rt):
     for run, names in runs.items():
         mixture = ",".join(f"{n}={sources[n].n_tokens}" for n in names)
         run_training(train_flags(args, mixture, os.path.join(args.out, run), args.seed, args.steps, args.points), rt)
-        losses[run] = {}
-        for file, step in checkpoint_files([os.path.join(args.out, run)]):
-            model, _, _ = load_model(file, rt.device)
-            losses[run][step] = {p: probe_loss(model, docs, rt) for p, docs in probes.items()}
+        losses[run] = {step: final_probe_losses(file, probes, rt)
+                       for file, step in checkpoint_files([os.path.join(args.out, run)])}
     steps = sorted(losses["all"])
     delta = {n: {p: {s: losses[f"without-{n}"][s][p] - losses["all"][s][p] for s in steps} for p in probes}
              for n in sources}
@@ -368,10 +349,9 @@ def weights(args, rt):
     probes = probe_sets(args)
     ckpts = checkpoint_files(args.ckpt)
     parts = [(s, sample_docs(s, args.docs, args.seed)) for s in sources.values()]
-    docs = DocSet(parts)
     share = max(1, args.hessian_docs // len(parts))  # the Hessian sample: an equal share of every source
     hessian = DocSet([(s, sample_docs(s, share, args.seed + 1)) for s in sources.values()])
-    scores, tokens = joint_benefit(ckpts, list(sources.values()), list(probes.values()), docs, hessian, rt,
+    scores, tokens = joint_benefit(ckpts, list(sources.values()), list(probes.values()), DocSet(parts), hessian, rt,
                                    args.params, damping=args.damping)
     per_probe, start = {p: {} for p in probes}, 0
     for name, (_, ix) in zip(sources, parts):
@@ -483,17 +463,10 @@ def sft_accuracy(run_dir, pre_dir, args, rt, seed):
     sargs = sample.parse_args(["--ckpt", str(run_dir), "--eval", str(DEMO["eval_problems"]), "--eval-file",
                                os.path.join(args.data, "eval.jsonl"), "--max-new-tokens", "300", "--device",
                                str(rt.device)])
-    model, enc = sample.load(sargs, rt.device)
-    problems = sample.eval_problems(sargs)
-    prompts = [sample.chat_ids(enc, sample.messages_for(p["question"], sargs), model.config.max_seq_len)
-               for p in problems]
-    texts, _, _ = sample.generate_batched(model, enc, prompts, sargs)
+    (model, enc), problems = sample.load(sargs, rt.device), sample.eval_problems(sargs)
+    texts, _, _ = sample.generate_batched(model, enc, [sample.chat_ids(enc, sample.messages_for(
+        p["question"], sargs), model.config.max_seq_len) for p in problems], sargs)
     return sum(sample.is_correct(t[0], p["answer"]) for t, p in zip(texts, problems)) / len(problems)
-
-
-def final_probe_losses(run_dir, probes, rt):
-    model = load_model(run_dir, rt.device)[0]
-    return {p: probe_loss(model, docs, rt) for p, docs in probes.items()}
 
 
 def demo(rt):
@@ -502,7 +475,7 @@ def demo(rt):
     if rt.master:
         toydata.write_mixing_toy(DEMO_DIR)
     if rt.ddp:
-        dist.barrier()
+        dist.barrier()  # the corpus is written before any rank reads it
     base = ["--data", DEMO_DIR, "--sources", ",".join(DEMO_SOURCES), "--size", "toy", "--batch-size", "4",
             "--probe-docs", "24"] + [f for k in toydata.KINDS for f in ("--probe", f"{k}={DEMO_DIR}/probe-{k}")]
     out = Path(DEMO_OUT)
@@ -520,21 +493,20 @@ def demo(rt):
     mixtures = {"uniform": ",".join(f"{n}=1" for n in DEMO_SOURCES), "derived": f"@{out}/weights.json",
                 "hand-set": DEMO_HAND_SET}
     say("\n== 3. pre-training with each mixture, same token budget, then the same SFT")
-    results, probes = {}, probe_sets(args)
+    results, probes = {}, probe_sets(args)  # the same documents as the probes of loo and weights
     for name, mixture in mixtures.items():
         for seed in DEMO["seeds"]:
             pre = out / f"pretrain-{name}-s{seed}"
             run_training(train_flags(args, mixture, str(pre), seed, DEMO["pretrain_steps"], points=1), rt)
-            losses = final_probe_losses(pre, probes, rt)
             acc = sft_accuracy(out / f"sft-{name}-s{seed}", pre, args, rt, seed)
-            results.setdefault(name, []).append({"seed": seed, "probe_loss": losses, "accuracy": acc})
+            results.setdefault(name, []).append({"seed": seed, "probe_loss": final_probe_losses(pre, probes, rt),
+                                                 "accuracy": acc})
     say("\n== 4. mid-training filter, two rounds (filter -> mid-train -> filter -> mid-train) vs no filtering")
     start, steps = out / "pretrain-derived-s0", DEMO["midtrain_steps"]
     filt, current = {}, start
     for r in (1, 2):
-        kept = filter_source(command("filter", *base, "--source", "pool", "--hessian-docs", 128, "--ckpt", current,
-                                     "--out", f"{DEMO_DIR}/pool-r{r}"), rt)
-        if not len(kept):
+        if not len(kept := filter_source(command("filter", *base, "--source", "pool", "--hessian-docs", 128, "--ckpt",
+                                                 current, "--out", f"{DEMO_DIR}/pool-r{r}"), rt)):
             break
         run_dir = out / f"midtrain-filtered-r{r}"
         run_training(train_flags(args, f"pool-r{r}=1", str(run_dir), 0, steps, 1, init_from=current,
@@ -547,7 +519,6 @@ def demo(rt):
     unfiltered = final_probe_losses(plain, probes, rt)
     if not rt.master:
         return
-    print(f"\nderived weights: " + ", ".join(f"{n} {w:.1%}" for n, w in derived["weights"].items()))
     kinds = list(probes)
     print(f"\n{'mixture':<10}{'seed':>5}" + "".join(f"{k:>9}" for k in kinds) + f"{'mean':>9}{'accuracy':>10}")
     for name, rows in results.items():
@@ -578,12 +549,12 @@ def parse_args(argv):
     common.add_argument("--seed", type=int, default=0, help="seed of the document samples and of training")
     common.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     scoring = argparse.ArgumentParser(add_help=False)
-    scoring.add_argument("--ckpt", action="append", required=True, metavar="RUN_OR_CKPT",
-                         help="checkpoint file, or run folder (all its checkpoints); repeatable")
+    scoring.add_argument("--ckpt", action="append", required=True, metavar="RUN_OR_CKPT", help="checkpoint file, or "
+                         "run folder (all its checkpoints); repeatable")
     scoring.add_argument("--hessian-docs", type=int, default=256, help="documents for the damped Hessian")
     scoring.add_argument("--damping", type=float, default=DAMPING, help="lambda_l = DAMPING x mean ||g_l||^2 / d_l")
     scoring.add_argument("--params", type=lambda s: s.split(","), default=list(DEFAULT_PARAMS),
-                         help=f"measured layers, comma-separated: {OUTPUT} / {INPUT} (the tied matrix's two uses) or parameter names")
+                         help=f"measured layers: {OUTPUT} (the tied matrix's output use) and/or parameter names")
     common.add_argument("--sources", type=lambda s: [x for x in s.split(",") if x], help="comma-separated sources")
     q = sub.add_parser("loo", parents=[common], help="leave-one-out runs (Eq. 1)")
     q.add_argument("--steps", type=int, required=True, help="optimizer steps of every run")
@@ -595,9 +566,8 @@ def parse_args(argv):
     q = sub.add_parser("filter", parents=[common, scoring], help="keep the documents of positive benefit (Eqs. 7-8)")
     q.add_argument("--source", required=True, help="the source to filter")
     q.add_argument("--out", required=True, help="the new source folder (its name is the new source's)")
-    runs = (("--size", str, "toy", "model size"), ("--batch-size", int, 8, "rows per step"),
-            ("--seq-len", int, 256, "tokens per row"), ("--lr", float, 3e-3, "peak learning rate"),
-            ("--warmup", int, 20, "warmup steps"))
+    runs = (("--size", str, "toy", "model size"), ("--batch-size", int, 8, "rows per step"), ("--seq-len", int, 256,
+            "tokens per row"), ("--lr", float, 3e-3, "peak learning rate"), ("--warmup", int, 20, "warmup steps"))
     for q in sub.choices.values():  # the training runs of loo and of the demonstration
         for flag, kind, default, text in runs:
             q.add_argument(flag, type=kind, default=default, help=f"training runs: {text}")
