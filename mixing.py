@@ -472,8 +472,8 @@ def sft_accuracy(run_dir, pre_dir, args, rt, seed):
 def demo(rt):
     import toydata
     t0 = time.time()
-    if rt.master:
-        toydata.write_mixing_toy(DEMO_DIR)
+    if rt.master and toydata.write_mixing_toy(DEMO_DIR):
+        shutil.rmtree(DEMO_OUT, ignore_errors=True)  # runs on an older corpus are not reused
     if rt.ddp:
         dist.barrier()  # the corpus is written before any rank reads it
     base = ["--data", DEMO_DIR, "--sources", ",".join(DEMO_SOURCES), "--size", "toy", "--batch-size", "4",

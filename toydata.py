@@ -44,6 +44,7 @@ import json
 import os
 import random
 import re
+import shutil
 import zlib
 
 import data
@@ -385,10 +386,16 @@ def generate_mixing(seed=0, n_worked=3000, n_drills=800, n_errors=3000, n_off=15
     return {"text_sources": text, "chat_sources": {"toy-sft": sft}, "eval": evals}
 
 
+MIXING_FORMAT = 2  # bumped when generate_mixing's contents change (2: planted errors by a systematic rule)
+
+
 def write_mixing_toy(out_dir, seed=0):
-    """Write and prepare generate_mixing()'s corpus in out_dir (toy tokenizer); DIR/eval.jsonl last."""
-    if os.path.isfile(os.path.join(out_dir, "eval.jsonl")):
-        return
+    """Write and prepare generate_mixing()'s corpus in out_dir (toy tokenizer); DIR/toy-mix.json last. True when
+    it was (re)built: a corpus of another seed or format is replaced."""
+    marker, wanted = os.path.join(out_dir, "toy-mix.json"), {"seed": seed, "format": MIXING_FORMAT}
+    if os.path.isfile(marker) and json.loads(open(marker).read()) == wanted:
+        return False
+    shutil.rmtree(out_dir, ignore_errors=True)
     corpus = generate_mixing(seed)
     raw = os.path.join(out_dir, "raw")
     os.makedirs(raw, exist_ok=True)
@@ -398,3 +405,6 @@ def write_mixing_toy(out_dir, seed=0):
             write_jsonl(path, ({field: d} for d in docs))
             data.prepare(name, [path], out_dir, tokenizer="toy", workers=1)
     write_jsonl(os.path.join(out_dir, "eval.jsonl"), corpus["eval"])
+    with open(marker, "w") as f:
+        json.dump(wanted, f)
+    return True
