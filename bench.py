@@ -9,13 +9,20 @@ weights: warm-up first, then repetitions alternating ours and the reference, med
     python bench.py --profile --only "train 140m"   # top operators (self CPU time) of both sides
 
 Sections: train 140m / train toy (forward, backward, clip, AdamW step: ours vs transformers'
-Llama4ForCausalLM with the weights copied, under the optimizer HF's Trainer builds by default),
-generate 140m (greedy, KV cache, 128 new tokens after 64), attention (fused vs torch SDPA, causal and
-with a dense 8-document mask), loss (kernels.linear_cross_entropy, recomputing in the backward or
-with gradients made in the forward, vs logits + F.cross_entropy), sampler (MixtureSampler vs
-nanoGPT's get_batch), cuda (bf16 tokens/s and MFU, eager and compiled; only when a GPU is present;
-python bench.py --only cuda). ratio = ours / reference: below 1 is better for s and MB, above 1 for
-tokens/s. A summary then says which goals each row meets.
+Llama4ForCausalLM with the weights copied, under the optimizer HF's Trainer builds by default; ours
+at --dtype, default auto = bf16 autocast where the CPU has AMX / AVX512-BF16, against the reference
+in float32, and for 140m also both in bf16, the reference under CPU autocast as HF's Trainer runs
+bf16=True), generate 140m (greedy, KV cache, 128 new tokens after 64; ours at --dtype vs the float32
+reference, then both with bf16 weights; memory-bandwidth utilisation = bytes read per token x
+tokens/s over the bandwidth of a large tensor copy measured in the same run), attention (fused vs
+torch SDPA, causal and with a dense 8-document mask), loss (kernels.linear_cross_entropy,
+recomputing in the backward or with gradients made in the forward, vs logits + F.cross_entropy),
+sampler (MixtureSampler vs nanoGPT's get_batch), compile (ours eager vs torch.compile: the first
+step, compilation included, and the steady state; only without --quick), cuda (bf16 tokens/s and
+MFU, eager and compiled; only when a GPU is present; python bench.py --only cuda), eval batched
+(sample.py's --eval-file path on the toy model: 32 prompts of 8 to 200 tokens, 128 new tokens each,
+batch 16 left-padded vs one at a time). ratio = ours / reference: below 1 is better for s and MB,
+above 1 for tokens/s and problems/s. A summary then says which goals each row meets.
 
 Peak memory on CPU: torch keeps no peak statistics for CPU tensors, so we ask the kernel. Each memory
 figure comes from a fresh child process (this file with --memory-child) started with
@@ -31,6 +38,7 @@ and activations together. Timings come from the parent process with glibc's defa
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import fnmatch
 import gc
@@ -51,6 +59,7 @@ import data
 import hf
 import kernels
 from checkpoint import CheckpointError
+from runtime import DTYPES, DeviceError, describe_dtype, pick_dtype
 from tokenizer import TokenizerError
 from model import MobileLLM, ModelConfig, ModelError, adamw
 from runtime import ArgumentParser, checked, number, path
@@ -151,12 +160,13 @@ def row(name, ours, reference, unit):
 # built, they share weights and inputs.
 
 def build_models(size, sides, device="cpu"):
+    """{"ours": ..., "reference": ...} for the sides named (a side "reference bf16" is the reference)."""
     config = ModelConfig.from_size(size)
     torch.manual_seed(0)
     models = {}
-    if "reference" in sides:
+    if any(side.startswith("reference") for side in sides):
         models["reference"] = hf.reference_model(config).to(device)
-    if "ours" in sides:
+    if any(side.startswith("ours") for side in sides):
         models["ours"] = MobileLLM(config).to(device)
         if "reference" in models:  # same weights: HF names are ours with a "model." prefix
             state = {k.removeprefix("model."): v for k, v in models["reference"].state_dict().items()
@@ -165,16 +175,20 @@ def build_models(size, sides, device="cpu"):
     return config, models
 
 
-def build_train(size, batch, seq, sides=SIDES, device="cpu", compile=False):
+def build_train(size, batch, seq, dtypes, sides=None, device="cpu", compile=False):
+    """A training step per side; dtypes {side: "float32" or "bfloat16"}: bfloat16 is autocast with
+    float32 weights and AdamW state (train.py's --dtype bfloat16; HF Trainer's bf16=True)."""
+    sides = sides or tuple(dtypes)
     config, models = build_models(size, sides, device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=g).to(device)
     idx, targets = x[:, :-1], x[:, 1:]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     fns = {}
-    for side, model in models.items():
+    for side in sides:
+        model = models[side.split()[0]]
         model.train()
-        if side == "ours":
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtypes[side] == "bfloat16")
+        if side.startswith("ours"):
             optimizer = model.configure_optimizer(1e-4, 0.1, device_type=device)
             forward = torch.compile(model) if compile else model
             loss_of = lambda fwd=forward: fwd(idx, targets, return_logits=False)[1]
@@ -185,7 +199,7 @@ def build_train(size, batch, seq, sides=SIDES, device="cpu", compile=False):
             # labels are shifted inside (loss on T - 1 positions); no KV cache is kept in training
             loss_of = lambda fwd=forward: fwd(input_ids=idx, labels=idx, use_cache=False).loss
 
-        def step(model=model, optimizer=optimizer, loss_of=loss_of):
+        def step(model=model, optimizer=optimizer, loss_of=loss_of, autocast=autocast):
             with autocast:
                 loss = loss_of()
             loss.backward()
@@ -196,18 +210,47 @@ def build_train(size, batch, seq, sides=SIDES, device="cpu", compile=False):
     return fns
 
 
-def build_generate(size, sides=SIDES):
-    config, models = build_models(size, sides)
+def build_generate(size, dtypes):
+    """Greedy generation per side, weights in dtypes[side] (as sample.py and HF's torch_dtype load
+    them); returns (fns, bytes read per generated token per side)."""
+    config, models = build_models(size, dtypes)
     idx = torch.randint(0, config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
-    fns = {}
-    if "ours" in models:
-        fns["ours"] = lambda m=models["ours"].eval(): m.generate(idx, NEW_TOKENS)
-    if "reference" in models:
-        ref = models["reference"].eval()
-        ref.generation_config.eos_token_id = None  # always 128 new tokens, as ours without stop ids
-        ref.generation_config.pad_token_id = 0
-        fns["reference"] = lambda: ref.generate(idx, max_new_tokens=NEW_TOKENS, do_sample=False)
-    return fns
+    fns, read = {}, {}
+    for side, dtype in dtypes.items():
+        model = models[side.split()[0]]
+        if DTYPES[dtype] != next(model.parameters()).dtype:
+            model = copy.deepcopy(model).to(DTYPES[dtype])
+        model.eval()
+        if side.startswith("ours"):
+            fns[side] = lambda m=model: m.generate(idx, NEW_TOKENS)
+        else:
+            model.generation_config.eos_token_id = None  # always 128 new tokens, as ours without stop ids
+            model.generation_config.pad_token_id = 0
+            fns[side] = lambda m=model: m.generate(idx, max_new_tokens=NEW_TOKENS, do_sample=False)
+        read[side] = bytes_per_token(model, config, DTYPES[dtype].itemsize)
+    return fns, read
+
+
+def bytes_per_token(model, config, itemsize):
+    """Bytes a decoding step must read: every weight once (the tied embedding as the output head; the
+    input lookup is one row) plus the KV cache at the mean context length of the run."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
+    context = PROMPT + NEW_TOKENS / 2
+    cache = 2 * config.n_layer * config.n_kv_head * config.head_dim * context * itemsize
+    return weights + cache
+
+
+def copy_bandwidth(nbytes=2**28, reps=5):
+    """Bytes/s of a large tensor copy (read + write, far beyond the caches): what decoding can hope to
+    stream at most on this machine with these threads."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times[1:])
 
 
 def build_attention(T, docs, sides=SIDES):
@@ -266,22 +309,75 @@ def compare(fns, title, args):
     return time_sides(fns, args.warmup, args.reps)
 
 
+def with_bf16_sides(args, dtypes):
+    """dtypes plus the sides of the "both bf16" rows: the reference in bf16, and ours in bf16 when
+    --dtype did not already pick it (then the "ours" side serves both rows)."""
+    dtypes = dict(dtypes, **{"reference bf16": "bfloat16"})
+    if args.dtype != "bfloat16":
+        dtypes["ours bf16"] = "bfloat16"
+    return dtypes
+
+
 def bench_train(size, args):
+    """ours at --dtype (auto: bf16 where the CPU has it) vs the reference in float32; for 140m also
+    both in bf16 (the reference under CPU autocast, as HF's Trainer runs bf16=True)."""
     batch, seq = TRAIN_SHAPES[size]
     name = f"train {size} {batch}x{seq}"
-    t = compare(build_train(size, batch, seq), name, args)
+    dtypes = {"ours": args.dtype, "reference": "float32"}
+    if size == "140m":
+        dtypes = with_bf16_sides(args, dtypes)
+    t = compare(build_train(size, batch, seq, dtypes), name, args)
     yield row(f"{name} step time", t["ours"], t["reference"], "s")
+    if "reference bf16" in t:
+        yield row(f"{name} step time, both bf16", t.get("ours bf16", t["ours"]), t["reference bf16"], "s")
     gc.collect()
-    case = [dict(size=size, batch=batch, seq=seq)]
-    mem = {side: measure_memory("train", case, side, args.threads)[0] for side in SIDES}
+    mem = {side: measure_memory("train", [dict(size=size, batch=batch, seq=seq, dtypes={side: dtypes[side]})],
+                                side, args.threads)[0] for side in SIDES}
     yield row(f"{name} peak memory (step)", mem["ours"]["peak"], mem["reference"]["peak"], "MB")
     yield row(f"{name} peak memory (total)", mem["ours"]["total"], mem["reference"]["total"], "MB")
 
 
 def bench_generate(args):
-    t = compare(build_generate("140m"), "generate 140m", args)
-    yield row(f"generate 140m {PROMPT}+{NEW_TOKENS} greedy", NEW_TOKENS / t["ours"],
-              NEW_TOKENS / t["reference"], "tok/s")
+    """ours at --dtype vs the reference in float32, then both in bf16 weights; and how much of the
+    machine's memory bandwidth (a copy benchmark, same run) each side's decoding uses."""
+    fns, read = build_generate("140m", with_bf16_sides(args, {"ours": args.dtype, "reference": "float32"}))
+    t = compare(fns, "generate 140m", args)
+    tok_s = {side: NEW_TOKENS / t[side] for side in t}
+    name = f"generate 140m {PROMPT}+{NEW_TOKENS} greedy"
+    yield row(name, tok_s["ours"], tok_s["reference"], "tok/s")
+    yield row(f"{name}, both bf16", tok_s.get("ours bf16", tok_s["ours"]), tok_s["reference bf16"], "tok/s")
+    bandwidth = copy_bandwidth()
+    yield row("memory bandwidth (tensor copy)", bandwidth / 1e9, None, "GB/s")
+    # bytes read per token x tokens/s over the copy bandwidth; prefill is counted as decoding time
+    use = {side: 100 * read[side] * tok_s[side] / bandwidth for side in SIDES}
+    yield row(f"{name} memory-bandwidth utilisation", use["ours"], use["reference"], "%")
+
+
+EVAL_PROMPTS, EVAL_BATCH, EVAL_NEW = 32, 16, 128  # eval batched: prompts, rows per batch, new tokens
+
+
+def build_eval_batched():
+    """sample.generate_batched on a toy model: `ours` batches EVAL_BATCH prompts, `reference` runs one
+    at a time (the same prompts; the generated tokens are identical, tests/test_sample.py)."""
+    import sample
+    from tokenizer import get_tokenizer
+    torch.manual_seed(0)
+    model, enc = MobileLLM(ModelConfig.from_size("toy")).eval(), get_tokenizer("toy")
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.linspace(8, 200, EVAL_PROMPTS).long()[torch.randperm(EVAL_PROMPTS, generator=g)]
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths.tolist()]
+
+    def run(batch_size):
+        args = argparse.Namespace(batch_size=batch_size, num_samples=1, max_new_tokens=EVAL_NEW,
+                                  temperature=0.0, top_k=None, top_p=None, seed=0)
+        return lambda: sample.generate_batched(model, enc, prompts, args)
+    return {"ours": run(EVAL_BATCH), "reference": run(1)}
+
+
+def bench_eval_batched(args):
+    t = compare(build_eval_batched(), "eval batched", args)
+    yield row(f"eval {EVAL_PROMPTS} mixed-length prompts: batch {EVAL_BATCH} vs one at a time",
+              EVAL_PROMPTS / t["ours"], EVAL_PROMPTS / t["reference"], "problems/s")
 
 
 def bench_attention(args):
@@ -355,6 +451,29 @@ def bench_sampler(args):
               tokens_per_call / t["reference"], "tok/s")
 
 
+def bench_compile(args):
+    """torch.compile on ours at --dtype: the first step (compilation included) and the steady step,
+    against eager ours; and the steps after which compiling has paid for itself."""
+    for size in ("toy", "140m"):
+        batch, seq = TRAIN_SHAPES[size]
+        name = f"compile {size} {batch}x{seq}"
+        fns, first = {}, {}
+        for side, compiled in (("compiled", True), ("eager", False)):
+            torch._dynamo.reset()
+            fns[side] = build_train(size, batch, seq, {"ours": args.dtype}, compile=compiled)["ours"]
+            t0 = time.perf_counter()
+            fns[side]()
+            first[side] = time.perf_counter() - t0
+        t = time_sides(fns, args.warmup, args.reps)
+        yield row(f"{name} first step, compiled vs eager", first["compiled"], first["eager"], "s")
+        yield row(f"{name} steady step, compiled vs eager", t["compiled"], t["eager"], "s")
+        saved = t["eager"] - t["compiled"]
+        payback = (first["compiled"] - first["eager"]) / saved if saved > 0 else None  # n/a: never
+        yield row(f"{name} steps until compiling pays off", payback, None, "steps")
+        fns = None
+        gc.collect()
+
+
 def bench_mixing(args):
     """mixing.py's scoring pass at 140m: per 2,048-token document, the gradient of the tied embedding (forward and
     backward) and its benefit on one probe, as `mixing.py weights/filter` stream them. Documents/s; there is no
@@ -375,7 +494,7 @@ def bench_mixing(args):
 def bench_cuda(args):
     """bf16 autocast training step on the GPU (float32 weights and AdamW state, as train.py runs),
     eager and torch.compile'd: tokens/s, MFU (against the GPU's dense bf16 peak) and peak memory."""
-    from train import peak_flops
+    from runtime import peak_flops
     device = torch.device("cuda")
     peak = peak_flops(device)
     batch, seq = CUDA_SHAPE
@@ -388,7 +507,7 @@ def bench_cuda(args):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    fns = build_train(size, batch, seq, sides=(side,), device="cuda", compile=compile)
+                    fns = build_train(size, batch, seq, {side: "bfloat16"}, device="cuda", compile=compile)
                     t = time_sides(fns, args.warmup + 1, args.reps, sync=torch.cuda.synchronize)
                     tok_s[side], mem[side] = batch * seq / t[side], torch.cuda.max_memory_allocated() / 2**20
                 except torch.cuda.OutOfMemoryError:
@@ -411,8 +530,10 @@ def sections(args):
         ("attention", lambda: bench_attention(args)),
         ("loss", lambda: bench_loss(args)),
         ("sampler", lambda: bench_sampler(args)),
+        ("compile", lambda: bench_compile(args) if not args.quick or args.only else iter(())),
         ("mixing", lambda: bench_mixing(args)),
         ("cuda", lambda: bench_cuda(args) if torch.cuda.is_available() else iter(())),
+        ("eval batched", lambda: bench_eval_batched(args)),
     ]
 
 
@@ -436,9 +557,12 @@ def print_rows(rows):
 
 # Goals, checked on the rows: (row name pattern, test, what it asks).
 GOALS = [
-    ("train 140m 2x256 step time", lambda r: r["ratio"] <= 1 / 1.3, "training step >= 1.3x faster"),
-    ("train 140m 2x256 peak memory (total)", lambda r: r["ratio"] <= 0.5, "training step <= 1/2 the peak memory"),
-    ("generate 140m *", lambda r: r["ratio"] >= 1.5, "generation >= 1.5x the tokens/s"),
+    ("train 140m 2x256 step time", lambda r: r["ratio"] <= 0.33, "training step (ours --dtype auto) >= 3x faster"),
+    ("train 140m 2x256 step time, both bf16", lambda r: r["ratio"] <= 0.67, "training step in bf16 >= 1.5x faster"),
+    ("train 140m 2x256 peak memory (step)", lambda r: r["ratio"] <= 0.5, "training step <= 1/2 the peak memory"),
+    ("train toy 16x256 step time", lambda r: r["ratio"] <= 0.5, "toy training step >= 2x faster"),
+    ("generate 140m 64+128 greedy", lambda r: r["ratio"] >= 2.0, "generation (ours --dtype auto) >= 2x the tokens/s"),
+    ("generate 140m 64+128 greedy, both bf16", lambda r: r["ratio"] >= 1.3, "generation in bf16 >= 1.3x the tokens/s"),
     ("attention doc-masked (8 docs) T=4096 fwd+bwd time", lambda r: r["ratio"] <= 0.5,
      "doc-masked fused attention >= 2x faster at T=4096"),
     ("attention doc-masked (8 docs) memory growth *", lambda r: r["ours"] <= 1.25 * linear_growth(r["name"]),
@@ -447,6 +571,7 @@ GOALS = [
     ("loss 140m 2x256 fwd+bwd (*) peak memory", lambda r: r["ratio"] <= 0.5,
      "chunked loss <= 1/2 the naive peak memory"),
     ("cuda 140m * compile MFU", lambda r: r["ours"] >= 45, "140m bf16 compiled >= 45% MFU"),
+    ("eval * mixed-length prompts: *", lambda r: r["ratio"] >= 4, "batched eval >= 4x the problems/s"),
 ]
 
 
@@ -480,7 +605,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="one repetition, fewer shapes (~2 minutes on 2 cores)")
     p.add_argument("--only", type=checked(section_names, ValueError, "no-such-section"),
                    help="comma-separated substrings: run the sections whose name contains one "
-                                  "(train 140m, train toy, generate 140m, attention, loss, sampler, cuda)")
+                                  "(train 140m, train toy, generate 140m, attention, loss, sampler, compile, mixing, cuda)")
     p.add_argument("--json", type=path("file"), help="also write the rows to this file as JSON")
     p.add_argument("--threads", type=number(int, at_least=1), default=torch.get_num_threads(),
                    help="torch CPU threads (default: torch's, here %(default)s)")
@@ -489,6 +614,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=number(int, at_least=0), default=1, help="untimed calls per side first (default 1)")
     p.add_argument("--lengths", type=checked(length_list, ValueError, "0,-1"),
                    help="attention sequence lengths (default 1024,2048,4096; 1024,4096 with --quick)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="ours' dtype in the rows against the float32 reference (auto: bf16 where the CPU has "
+                        "AMX / AVX512-BF16); the 'both bf16' rows run both sides in bf16")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of each side")
     p.add_argument("--memory-child", type=checked(json.loads, ValueError, "{"),
                    help=argparse.SUPPRESS)  # internal: one memory measurement process
@@ -517,6 +645,9 @@ def main(argv=None):
             print(f"error: --only {args.only!r} matches no section; sections: "
                   f"{', '.join(name for name, _ in sections(args))}", file=sys.stderr)
             sys.exit(2)
+    dtype, why = pick_dtype(args.dtype, torch.device("cpu"))
+    args.dtype = str(dtype).removeprefix("torch.")
+    print(describe_dtype(dtype, why) + " (ours, CPU rows)")
     print(f"torch {torch.__version__}, {args.threads} threads, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; "
           f"warm-up {args.warmup}, median of {args.reps}")
@@ -540,6 +671,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ModelError, CheckpointError, data.DataError, TokenizerError) as e:
+    except (ModelError, CheckpointError, data.DataError, TokenizerError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

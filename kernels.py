@@ -14,7 +14,8 @@ attention(q, k, v, causal, doc_ids) is the one entry point model.py uses. Two ba
   ~1/8 of the causal tiles hold work, which is where the speed-up over masked SDPA comes from.
   The live pairs that lie on one tile diagonal are computed together in one batched matmul, so the
   Python loop runs over diagonals, not pairs: few large ops, which small CPUs and GPUs both need.
-The automatic choice sends document masks to "fused" and everything else to "sdpa";
+The automatic choice sends document masks over more than SDPA_MASK_MAX_KEYS keys to "fused" and
+everything else to "sdpa" (short rows: a dense mask is small, and torch's kernel beats the tile loop);
 set_backend(name) / use_backend(name) force one (tests, benchmarks, users).
 
 linear_cross_entropy and distill_loss fuse the output projection with the loss. A 128,256-token
@@ -22,6 +23,8 @@ vocabulary makes logits the memory peak of a small model (4 bytes x 128,256 = 0.
 both compute logits a chunk of rows at a time and never hold more than one chunk. The backward
 recomputes each chunk's logits (recompute=True, the default), or, with recompute=False, the
 gradients are computed in the forward while the chunk is at hand and the backward only scales them.
+Under bf16 autocast their vocabulary-sized matmuls run in bf16 (as the reference's lm_head does);
+the softmax, the loss and the sums over chunks stay in float32.
 """
 import contextlib
 import functools
@@ -40,10 +43,19 @@ BLOCK_K = 64
 # Each chunk streams all of W (V x d) through 3-4 matmuls, so smaller chunks get slower
 # (measured at 140m shapes: 2^24 ~15% slower); the peak stays far below naive (see bench.py).
 LOSS_CHUNK_ELEMENTS = 2**25
+# Under bf16 autocast the matmuls run ~5x faster, so what every chunk pays whatever its size
+# (streaming all of W through 3 matmuls, adding a V x d weight gradient) weighs more: chunks twice
+# as large (its bf16 logits are half the size). At 140m, 2 x 256 rows: one chunk instead of two,
+# 0.77x the loss's fwd+bwd time on one CPU thread.
+LOSS_CHUNK_ELEMENTS_BF16 = 2**26
 # Live tile pairs of one diagonal go through one batched matmul (see _tile_plan). This caps the
 # scores of one batch (2^20 floats = 4 MB), so the temporary memory does not grow with T;
 # larger batches measured no faster.
 TILE_BATCH_ELEMENTS = 2**20
+# Up to this many keys, doc-masked attention goes to SDPA with a dense mask: on the 2-core CPU, fwd+bwd
+# at toy shapes with documents of 40-300 tokens, SDPA (float32) took 0.52x the fused kernel's time at
+# T = 256 and 0.63x at 512; at 1024 the fused kernel was ahead (0.74x) and at 2048 2x.
+SDPA_MASK_MAX_KEYS = 512
 
 _forced_backend = None
 
@@ -69,7 +81,8 @@ def use_backend(name):
 
 def attention(q, k, v, causal=True, doc_ids=None, backend=None):
     """q (B, H, T, D), k and v (B, KV, S, D) with H a multiple of KV and S >= T: the queries are the
-    last T of the S positions (S > T with a KV cache). doc_ids (B, S) integer document ids of a
+    last T of the S positions (S > T with a KV cache). The output has v's dtype (q and k may be in
+    float32 straight from RoPE and QK-norm while v is a bf16 projection). doc_ids (B, S) integer document ids of a
     packed sequence: key j is visible to query i iff they share a document (and j <= i if causal).
     Returns (B, H, T, D). backend: "sdpa", "fused", or None (forced backend, else automatic)."""
     B, H, T, D = q.shape
@@ -80,7 +93,8 @@ def attention(q, k, v, causal=True, doc_ids=None, backend=None):
         raise ValueError(f"attention: {T} queries but only {k.shape[2]} keys")
     if doc_ids is not None and tuple(doc_ids.shape) != (B, k.shape[2]):
         raise ValueError(f"doc_ids must be (B, S) = {(B, k.shape[2])}, got {tuple(doc_ids.shape)}")
-    name = backend or _forced_backend or ("fused" if doc_ids is not None else "sdpa")
+    long_masked = doc_ids is not None and k.shape[2] > SDPA_MASK_MAX_KEYS
+    name = backend or _forced_backend or ("fused" if long_masked else "sdpa")
     if name == "sdpa":
         return sdpa_attention(q, k, v, causal, doc_ids)
     if name == "fused":
@@ -91,14 +105,23 @@ def attention(q, k, v, causal=True, doc_ids=None, backend=None):
 def sdpa_attention(q, k, v, causal=True, doc_ids=None):
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    # SDPA's is_causal aligns the diagonal top-left, which is only right when T == S (or T == 1,
-    # where the last position sees everything); the KV-cache case needs an explicit offset mask.
-    if doc_ids is None and (not causal or T == S or T == 1):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=gqa)
-    docs = (doc_ids[:, None, S - T:], doc_ids[:, None]) if doc_ids is not None else ()
-    whole = slice(0, 1)  # the whole sequence as one tile pair
-    mask = _visible(whole, whole, T, S, T, S, causal, q.device, *docs)[0][:, None]  # (B, 1, T, S)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    # torch's CPU kernels measured faster in float32 than in bf16, fwd+bwd on the 2-core CPU (causal
+    # at toy shapes 0.71x the time, with a dense mask ~0.7x; equal at the 140m heads), so on a CPU
+    # bf16 inputs (autocast) are computed in float32 and the output cast back to v's dtype.
+    out_dtype = v.dtype
+    dtype = torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else out_dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        # SDPA's is_causal aligns the diagonal top-left, which is only right when T == S (or T == 1,
+        # where the last position sees everything); the KV-cache case needs an explicit offset mask.
+        if doc_ids is None and (not causal or T == S or T == 1):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=gqa)
+        else:
+            docs = (doc_ids[:, None, S - T:], doc_ids[:, None]) if doc_ids is not None else ()
+            whole = slice(0, 1)  # the whole sequence as one tile pair
+            mask = _visible(whole, whole, T, S, T, S, causal, q.device, *docs)[0][:, None]  # (B, 1, T, S)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return out.to(out_dtype)
 
 
 def fused_attention(q, k, v, causal=True, doc_ids=None, block_q=None, block_k=None):
@@ -107,8 +130,9 @@ def fused_attention(q, k, v, causal=True, doc_ids=None, block_q=None, block_k=No
 
 
 def _float_math(method):
-    """Run a forward/backward with autocast off: autocast would turn our float32 tile and chunk
-    matmuls back into bfloat16, which is the precision the accumulators exist to avoid."""
+    """Run a forward/backward with autocast off: the kernels pick each matmul's dtype themselves
+    (attention tiles in float32; the loss's in autocast's dtype, read before this switches it off)
+    and keep every accumulator (softmax statistics, sums over tiles and chunks) in float32."""
     @functools.wraps(method)
     def run(ctx, x, *args):
         with torch.autocast(x.device.type, enabled=False):
@@ -239,7 +263,7 @@ class _FusedAttention(torch.autograd.Function):
             o[rows] = o[rows].mul_(alpha).add_(p @ vt[cols])
             m[rows] = m_new
         empty = l == 0  # a query that sees no key outputs 0 and passes no gradient
-        out = _from_tiles(o.div_(l.masked_fill(empty, 1.0)), H, T).to(q.dtype)
+        out = _from_tiles(o.div_(l.masked_fill(empty, 1.0)), H, T).to(v.dtype)
         lse = (m + l.log()).masked_fill_(empty, math.inf)  # +inf: exp(s - lse) = 0 in the backward
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.setup = (block_q, block_k, plan, hide)
@@ -275,23 +299,35 @@ class _FusedAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def _loss_and_grads(chunk_loss, hidden, weight, chunk_size, with_grads):
+def _loss_and_grads(chunk_loss, hidden, weight, chunk_size, with_grads, matmul_dtype):
     """Sum over rows of chunk_loss(logits, first_row, with_grads) -> (per-row loss, dloss/dlogits
     or None), one chunk of rows at a time so only chunk_size x V logits ever exist; with_grads also
-    returns the gradients of that sum for hidden and weight (weight's summed over chunks)."""
+    returns the gradients of that sum for hidden and weight (weight's summed over chunks).
+    matmul_dtype: float32 (exact), or bfloat16 under autocast: the three vocabulary-sized matmuls
+    then run in bf16 as autocast's lm_head would, while the softmax, the loss and the weight
+    gradient's sum over chunks stay in float32."""
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    w = weight.to(acc)  # one float32 copy of W for bf16 models: logits are never rounded to bf16
+    mm = matmul_dtype if matmul_dtype is not None else acc
+    w = weight.to(mm)  # one copy of W in the matmul dtype (float32 for bf16 weights without autocast)
     total = torch.zeros((), dtype=acc, device=hidden.device)
     grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if with_grads else None
-    grad_weight = torch.zeros_like(w) if with_grads else None
+    grad_weight = None  # made by the first chunk's matmul: no V x d buffer of zeros to fill and add to
     for c0 in range(0, len(hidden), chunk_size):
-        h = hidden[c0:c0 + chunk_size].to(acc)
-        rows, dlogits = chunk_loss(h @ w.T, c0, with_grads)
+        h = hidden[c0:c0 + chunk_size].to(mm)
+        rows, dlogits = chunk_loss((h @ w.T).to(acc), c0, with_grads)
         total += rows.sum()
         if with_grads:
+            dlogits = dlogits.to(mm)
             grad_hidden[c0:c0 + chunk_size] = dlogits @ w
-            grad_weight.addmm_(dlogits.T, h)
+            if grad_weight is None:
+                grad_weight = (dlogits.T @ h).to(acc)
+            elif mm == acc:
+                grad_weight.addmm_(dlogits.T, h)
+            else:
+                grad_weight += dlogits.T @ h  # each chunk's part in bf16, their sum in float32
         del dlogits  # free this chunk before the next one is allocated
+    if with_grads and grad_weight is None:  # no rows: zero gradients
+        grad_weight = torch.zeros(w.shape, dtype=acc, device=w.device)
     return total, grad_hidden, grad_weight
 
 
@@ -303,10 +339,10 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     @_float_math
-    def forward(ctx, hidden, weight, chunk_loss, chunk_size, recompute, with_grads):
+    def forward(ctx, hidden, weight, chunk_loss, chunk_size, recompute, with_grads, matmul_dtype):
         total, grad_hidden, grad_weight = _loss_and_grads(
-            chunk_loss, hidden, weight, chunk_size, with_grads and not recompute)
-        ctx.setup = (chunk_loss, chunk_size, recompute, hidden.dtype, weight.dtype)
+            chunk_loss, hidden, weight, chunk_size, with_grads and not recompute, matmul_dtype)
+        ctx.setup = (chunk_loss, chunk_size, recompute, hidden.dtype, weight.dtype, matmul_dtype)
         if recompute:
             ctx.save_for_backward(hidden, weight)
         else:
@@ -317,23 +353,32 @@ class _ChunkedLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     @_float_math
     def backward(ctx, grad_total):
-        chunk_loss, chunk_size, recompute, hidden_dtype, weight_dtype = ctx.setup
+        chunk_loss, chunk_size, recompute, hidden_dtype, weight_dtype, matmul_dtype = ctx.setup
         if recompute:
             hidden, weight = ctx.saved_tensors
-            _, grad_hidden, grad_weight = _loss_and_grads(chunk_loss, hidden, weight, chunk_size, True)
+            _, grad_hidden, grad_weight = _loss_and_grads(chunk_loss, hidden, weight, chunk_size, True,
+                                                          matmul_dtype)
         else:
             if not hasattr(ctx, "grads"):
                 raise RuntimeError("a second backward through this loss needs recompute=True")
             grad_hidden, grad_weight = ctx.grads
             del ctx.grads  # scaled in place below: a second use would be wrong
         grad_hidden = grad_hidden.mul_(grad_total).to(hidden_dtype)
-        return grad_hidden, grad_weight.mul_(grad_total).to(weight_dtype), None, None, None, None
+        return grad_hidden, grad_weight.mul_(grad_total).to(weight_dtype), None, None, None, None, None
 
 
 def _chunked_loss(chunk_loss, hidden, weight, chunk_size, recompute):
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    chunk_size = chunk_size or max(1, LOSS_CHUNK_ELEMENTS // len(weight))
-    return _ChunkedLoss.apply(hidden, weight, chunk_loss, chunk_size, recompute, with_grads)
+    matmul_dtype = _autocast_dtype(hidden.device.type)
+    elements = LOSS_CHUNK_ELEMENTS_BF16 if matmul_dtype == torch.bfloat16 else LOSS_CHUNK_ELEMENTS
+    chunk_size = chunk_size or max(1, elements // len(weight))
+    return _ChunkedLoss.apply(hidden, weight, chunk_loss, chunk_size, recompute, with_grads, matmul_dtype)
+
+
+def _autocast_dtype(device_type):
+    """Under autocast the loss matmuls take its dtype, as every other linear layer's do (the
+    reference's bf16 lm_head included); None: the inputs' precision, at least float32."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _reduce(total, count, reduction):
@@ -389,7 +434,8 @@ def distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
         select = mask.reshape(-1).nonzero().squeeze(1)
         hs, ht = hs[select], ht[select]
     acc = torch.promote_types(hs.dtype, torch.float32)
-    wt = teacher_weight.detach().to(acc)
+    mm = _autocast_dtype(hs.device.type) or acc  # the student's matmul dtype, so a copy still gives 0
+    wt = teacher_weight.detach().to(mm)
     tau = float(temperature)
 
     def log_softmax_(z):
@@ -399,7 +445,7 @@ def distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
     def chunk_loss(logits, c0, with_grad):
         # Both sides are computed the same way, so an identical student gives exactly 0.
         log_ps = log_softmax_(logits)
-        log_pt = log_softmax_(ht[c0:c0 + len(logits)].to(acc) @ wt.T)
+        log_pt = log_softmax_((ht[c0:c0 + len(logits)].to(mm) @ wt.T).to(acc))
         p_t = log_pt.exp()
         kl = (p_t * log_pt.sub_(log_ps)).sum(-1)
         # d(tau^2 KL)/d(student logits) = tau (p_student - p_teacher)

@@ -39,8 +39,8 @@ from tqdm import tqdm
 import data
 import kernels
 import train
-from model import ModelError, latest_checkpoint, load_model
-from runtime import DeviceError, Runtime
+from model import SIZES, ModelError, latest_checkpoint, load_model
+from runtime import ArgumentParser, DeviceError, Runtime, device_name, matching, name_or_path, number, path
 from tokenizer import TokenizerError
 
 # The parameters whose gradients the influence is measured on (RECIPE section 7: "the embedding and output
@@ -539,42 +539,47 @@ def demo(rt):
 # -------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")  # none: the demonstration
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", required=True, help="prepared data folder")
-    common.add_argument("--probe", action="append", metavar="NAME=DIR[:SOURCE]",
+    count, at_least_0 = number(int, at_least=1), number(int, at_least=0)
+    names = matching(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*", "comma-separated names")
+    common = ArgumentParser(add_help=False)
+    common.add_argument("--data", required=True, type=path("dir"), help="prepared data folder")
+    common.add_argument("--probe", action="append", metavar="NAME=DIR[:SOURCE]", type=matching(r"[^=]+=.+", "NAME=DIR"),
                         help="a capability's probe set: prepared source folder, held-out folder, or DIR:SOURCE")
-    common.add_argument("--probe-docs", type=int, default=64, help="documents per probe set (0: all)")
-    common.add_argument("--seed", type=int, default=0, help="seed of the document samples and of training")
-    common.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    scoring = argparse.ArgumentParser(add_help=False)
-    scoring.add_argument("--ckpt", action="append", required=True, metavar="RUN_OR_CKPT", help="checkpoint file, or "
-                         "run folder (all its checkpoints); repeatable")
-    scoring.add_argument("--hessian-docs", type=int, default=256, help="documents for the damped Hessian")
-    scoring.add_argument("--damping", type=float, default=DAMPING, help="lambda_l = DAMPING x mean ||g_l||^2 / d_l")
-    scoring.add_argument("--params", type=lambda s: s.split(","), default=list(DEFAULT_PARAMS),
+    common.add_argument("--probe-docs", type=at_least_0, default=64, help="documents per probe set (0: all)")
+    common.add_argument("--seed", type=at_least_0, default=0, help="seed of the document samples and of training")
+    common.add_argument("--device", default="auto", type=device_name, help="auto, cuda, mps or cpu")
+    common.add_argument("--sources", type=names, help="comma-separated sources")
+    scoring = ArgumentParser(add_help=False)
+    scoring.add_argument("--ckpt", action="append", required=True, metavar="RUN_OR_CKPT",
+                         type=name_or_path([], ["ckpt_*.pt"], "a checkpoint or run folder"),
+                         help="checkpoint file, or run folder (all its checkpoints); repeatable")
+    scoring.add_argument("--hessian-docs", type=count, default=256, help="documents for the damped Hessian")
+    scoring.add_argument("--damping", type=number(float, above=0), default=DAMPING,
+                         help="lambda_l = DAMPING x mean ||g_l||^2 / d_l")
+    scoring.add_argument("--params", type=names, default=",".join(DEFAULT_PARAMS),
                          help=f"measured layers: {OUTPUT} (the tied matrix's output use) and/or parameter names")
-    common.add_argument("--sources", type=lambda s: [x for x in s.split(",") if x], help="comma-separated sources")
     q = sub.add_parser("loo", parents=[common], help="leave-one-out runs (Eq. 1)")
-    q.add_argument("--steps", type=int, required=True, help="optimizer steps of every run")
-    q.add_argument("--points", type=int, default=3, help="checkpoints (evenly spaced) at which Delta L is reported")
-    q.add_argument("--out", required=True, help="folder of the runs and loo.json")
+    q.add_argument("--steps", type=count, required=True, help="optimizer steps of every run")
+    q.add_argument("--points", type=count, default=3, help="checkpoints (evenly spaced) at which Delta L is reported")
+    q.add_argument("--out", required=True, type=path("new"), help="folder of the runs and loo.json")
     q = sub.add_parser("weights", parents=[common, scoring], help="influence-based mixture weights (Eqs. 2, 5, 6)")
-    q.add_argument("--docs", type=int, default=128, help="documents sampled per source (0: all)")
-    q.add_argument("--json", help="write the weights here (train.py / data.py mix --mixture @FILE)")
+    q.add_argument("--docs", type=at_least_0, default=128, help="documents sampled per source (0: all)")
+    q.add_argument("--json", type=path("file"), help="write the weights here (train.py / data.py mix --mixture @FILE)")
     q = sub.add_parser("filter", parents=[common, scoring], help="keep the documents of positive benefit (Eqs. 7-8)")
-    q.add_argument("--source", required=True, help="the source to filter")
-    q.add_argument("--out", required=True, help="the new source folder (its name is the new source's)")
-    runs = (("--size", str, "toy", "model size"), ("--batch-size", int, 8, "rows per step"), ("--seq-len", int, 256,
-            "tokens per row"), ("--lr", float, 3e-3, "peak learning rate"), ("--warmup", int, 20, "warmup steps"))
+    q.add_argument("--source", required=True, type=names, help="the source to filter")
+    q.add_argument("--out", required=True, type=path("new"), help="the new source folder (its name is the new source's)")
+    runs = (("--batch-size", count, 8, "rows per step"), ("--seq-len", count, 256, "tokens per row"),
+            ("--lr", number(float, above=0), 3e-3, "peak learning rate"), ("--warmup", at_least_0, 20, "warmup steps"))
     for q in sub.choices.values():  # the training runs of loo and of the demonstration
+        q.add_argument("--size", choices=list(SIZES), default="toy", help="training runs: model size")
         for flag, kind, default, text in runs:
             q.add_argument(flag, type=kind, default=default, help=f"training runs: {text}")
     args = p.parse_args(argv)
-    for name in ("steps", "points", "hessian_docs"):
-        if getattr(args, name, 1) < 1:
-            raise MixingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("sources", "params"):  # comma-separated lists
+        if getattr(args, name, None):
+            setattr(args, name, getattr(args, name).split(","))
     return args
 
 

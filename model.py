@@ -94,6 +94,14 @@ def rms_norm(x, eps):
     return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
+def linear(x, weight):
+    """x @ weight.T. One bf16 row (decoding a token) goes through torch.mv: on the 2-core CPU 1.5-1.7x the
+    bytes/s of the matmul kernel at these shapes (which reads bf16 no faster than float32)."""
+    if x.dtype == weight.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
+        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -101,7 +109,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rms_norm(x, self.eps) * self.weight
+        y = rms_norm(x, self.eps) * self.weight
+        device = y.device.type
+        if torch.is_autocast_enabled(device):
+            # every consumer is a projection in autocast's dtype: cast once here, not once per matmul
+            y = y.to(torch.get_autocast_dtype(device))
+        return y
 
 
 def rope_tables(head_dim, max_seq_len, theta, device=None, scaling=None):
@@ -127,27 +140,31 @@ def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, origina
 
 
 def apply_rope(x, cos, sin, interleaved=True):
-    """RoPE, in float32. x: (B, T, H, D); cos, sin: (T, D/2). Interleaved (MobileLLM-R1): dims (2i, 2i+1)
-    form one complex number rotated by angle i; the split-halves (rotate_half) form would not match
-    the released weights, but it is Llama 3's: dims i and i + D/2 form the pair."""
+    """RoPE, computed and returned in float32. x: (B, T, H, D); cos, sin: (T, D/2). Interleaved
+    (MobileLLM-R1): dims (2i, 2i+1) form one complex number, multiplied by cos + i sin of angle i;
+    one complex multiply is the same arithmetic as the four real ones, in one kernel. The
+    split-halves (rotate_half) form would not match the released weights, but it is Llama 3's:
+    dims i and i + D/2 form the pair."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     if not interleaved:
         first, second = x.float().chunk(2, dim=-1)
-        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).type_as(x)
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (n_layer, B, n_kv_head, max_len, head_dim)."""
+    """Preallocated keys and values for every layer: (n_layer, B, n_kv_head, max_len, head_dim).
+    pad (B,): how many positions each row is left-padded by, None when no row is (a batch of prompts
+    of different lengths, right-aligned): padded keys are masked out and each row's RoPE positions
+    start at its first real token, so a row computes what it would alone."""
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
+    def __init__(self, config, batch_size, max_len, device, dtype, pad=None):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # number of positions already written
+        self.pad = pad if pad is not None and bool(pad.any()) else None
 
     def update(self, layer, k, v):
         """Write k, v (B, KV, T, D) at the current position; return the keys and values so far."""
@@ -156,10 +173,29 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def positions(self, T):
+        """RoPE positions (B, T) of the next T tokens of each padded row (padding clamped to 0)."""
+        written = torch.arange(self.pos, self.pos + T, device=self.pad.device)
+        return (written[None] - self.pad[:, None]).clamp(min=0)
+
+    def key_doc_ids(self, end):
+        """(B, end): 1 for a row's real keys, 0 for its padding. As attention's doc_ids, a real token
+        never sees padding (and a padding query sees only padding, so no row of the softmax is empty)."""
+        return (torch.arange(end, device=self.pad.device)[None] >= self.pad[:, None]).long()
+
     def repeat(self, n):
         """Each row repeated n times (prefill a prompt once, then sample n continuations)."""
         self.k = self.k.repeat_interleave(n, dim=1)
         self.v = self.v.repeat_interleave(n, dim=1)
+        if self.pad is not None:
+            self.pad = self.pad.repeat_interleave(n)
+
+
+def left_pad(prompts, pad_id=0):
+    """Token lists of any lengths -> (idx (B, T) right-aligned, lengths (B,)), for generate(lengths=)."""
+    T = max(map(len, prompts))
+    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    return idx, torch.tensor([len(p) for p in prompts], dtype=torch.long)
 
 
 class Attention(nn.Module):
@@ -175,18 +211,21 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, doc_ids=None, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q = linear(x, self.q_proj.weight).view(B, T, self.n_head, self.head_dim)
+        k = linear(x, self.k_proj.weight).view(B, T, self.n_kv_head, self.head_dim)
+        v = linear(x, self.v_proj.weight).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         if self.qk_norm:  # after RoPE, the weightless QK-norm (RMS over each head's dims), as in the reference
-            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
+            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)  # float32 in: no rounding in between
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        backend = None
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+            if cache.pad is not None:  # left-padded rows: their padding is a document of its own
+                doc_ids, backend = cache.key_doc_ids(k.size(2)), "sdpa"
         # Query head j reads kv head j // (n_head / n_kv_head): kernels.attention handles the grouping.
-        y = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids, backend=backend)
+        return linear(y.transpose(1, 2).reshape(B, T, -1), self.o_proj.weight)
 
 
 class FeedForward(nn.Module):
@@ -197,7 +236,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return linear(F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight), self.down_proj.weight)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -228,6 +267,16 @@ class MobileLLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) casts weights; the rope tables stay float32 (bf16 cos/sin would
+        # be off by up to ~4e-3, position after position): recomputed on the new device.
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            c = self.config
+            self.rope_cos, self.rope_sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta,
+                                                       self.rope_cos.device, c.rope_scaling)
+        return self
+
     @staticmethod
     def _init_weights(module):
         # N(0, 0.02) for linear and embedding weights; norm weights start at 1 (RECIPE section 2).
@@ -256,10 +305,18 @@ class MobileLLM(nn.Module):
         """Final-normed hidden states (B, T, d_model). doc_ids (B, T) keeps packed documents apart."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ModelError(f"sequence of {start + T} tokens exceeds the model's context of "
+        padded = cache is not None and cache.pad is not None
+        # A padded batch runs until its last row is done: rows already past the context (stream yields
+        # -1 for them) are clamped to its last position; only a batch with no row left inside fails.
+        end = int(cache.positions(T)[:, -1].min()) + 1 if padded else start + T
+        if end > self.config.max_seq_len:
+            raise ModelError(f"sequence of {end} tokens exceeds the model's context of "
                              f"{self.config.max_seq_len}: shorten the input")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if padded:  # per-row positions (B, T, head_dim / 2)
+            positions = cache.positions(T).clamp(max=self.config.max_seq_len - 1)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        else:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.embed_tokens(idx)
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -272,7 +329,7 @@ class MobileLLM(nn.Module):
 
     def head(self, h):
         """Hidden states -> logits: the tied output projection, logits = h @ E^T (RECIPE section 2)."""
-        return F.linear(h, self.lm_head_weight)
+        return linear(h, self.lm_head_weight)
 
     def forward(self, idx, targets=None, doc_ids=None, cache=None, last_only=False, return_logits=True,
                 loss_reduction="mean"):
@@ -298,19 +355,27 @@ class MobileLLM(nn.Module):
 
     @torch.inference_mode()
     def stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None,
-               num_samples=1, seed=None, use_cache=True):
+               num_samples=1, seed=None, use_cache=True, lengths=None):
         """Yield the next token of every row, (B * num_samples,), one step at a time. The prompt is
         prefilled once into a preallocated KV cache, then repeated for num_samples continuations.
-        Rows that produced a stop id keep repeating it; the stream ends when every row has stopped."""
+        Rows that produced a stop id keep repeating it; the stream ends when every row has stopped.
+        lengths (B,): prompts of different lengths, left-padded (left_pad): row b's prompt is its last
+        lengths[b] tokens, and it generates what it would alone; a row that reaches the context
+        while others go on yields -1 from then on."""
         if temperature < 0:
             raise ModelError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ModelError(f"top_p must be in (0, 1], got {top_p}")
         B, T = idx.shape
-        total = min(T + max_new_tokens, self.config.max_seq_len)
-        if T >= self.config.max_seq_len:
-            raise ModelError(f"prompt of {T} tokens does not fit the model's context of "
+        lengths = torch.full((B,), T) if lengths is None else torch.as_tensor(lengths).cpu()
+        if int(lengths.max()) >= self.config.max_seq_len:
+            raise ModelError(f"prompt of {int(lengths.max())} tokens does not fit the model's context of "
                              f"{self.config.max_seq_len}: shorten it")
+        if int(lengths.max()) > T or int(lengths.min()) < 1 or (not use_cache and bool((lengths < T).any())):
+            raise ValueError(f"lengths must be in [1, {T}] (and padded rows need the cache), got {lengths.tolist()}")
+        # Each row's own budget: max_new_tokens, or what is left of the context after its prompt.
+        budget = (self.config.max_seq_len - lengths).clamp(max=max_new_tokens).repeat_interleave(num_samples)
+        budget = budget.to(idx.device)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -318,7 +383,7 @@ class MobileLLM(nn.Module):
         cache = None
         if use_cache:
             dtype = self.embed_tokens.weight.dtype
-            cache = KVCache(self.config, B, total, idx.device, dtype)
+            cache = KVCache(self.config, B, T + int(budget.max()), idx.device, dtype, pad=(T - lengths).to(idx.device))
             logits = self(idx, cache=cache, last_only=True)
             cache.repeat(num_samples)
         else:
@@ -327,25 +392,26 @@ class MobileLLM(nn.Module):
         seq = idx.repeat_interleave(num_samples, dim=0)
         finished = torch.zeros(seq.size(0), dtype=torch.bool, device=idx.device)
         last = torch.zeros(seq.size(0), dtype=torch.long, device=idx.device)
-        for _ in range(total - T):
+        for step in range(int(budget.max())):
             token = sample_token(logits.float(), temperature, top_k, top_p, generator)
-            token = torch.where(finished, last, token)
-            finished |= torch.isin(token, stop)
+            token = torch.where(budget > step, torch.where(finished, last, token), -1)
+            finished |= torch.isin(token, stop) | (budget <= step + 1)
             last = token
             yield token
             if bool(finished.all()):
                 return
             if use_cache:
-                logits = self(token[:, None], cache=cache, last_only=True)
+                logits = self(token.clamp(min=0)[:, None], cache=cache, last_only=True)
             else:
                 seq = torch.cat([seq, token[:, None]], dim=1)
                 logits = self(seq, last_only=True)
 
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=None,
-                 num_samples=1, seed=None, use_cache=True):
-        """Prompt (B, T) -> (B * num_samples, T + new) token ids; temperature 0 is greedy."""
+                 num_samples=1, seed=None, use_cache=True, lengths=None):
+        """Prompt (B, T) -> (B * num_samples, T + new) token ids; temperature 0 is greedy. lengths:
+        see stream (prompts of different lengths in one batch)."""
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                               num_samples, seed, use_cache))
+                               num_samples, seed, use_cache, lengths))
         prompt = idx.repeat_interleave(num_samples, dim=0)
         return torch.cat([prompt] + [t[:, None] for t in new], dim=1)
 

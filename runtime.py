@@ -5,7 +5,8 @@ script's flags share. train.py, sample.py, data.py, bench.py, model.py and mixin
 
     from runtime import Runtime, pick_device
     device = pick_device("auto")          # cuda, else mps, else cpu
-    rt = Runtime("auto")                  # + rank, world size, process group under torchrun
+    dtype, why = pick_dtype("auto", device)  # bfloat16 where the hardware has it, else float32
+    rt = Runtime("auto")                  # + rank, world size, process group under torchrun, dtype
     p = ArgumentParser()                  # a bad flag: one line, exit 2
     p.add_argument("--lr", type=number(float, above=0))
 """
@@ -56,10 +57,51 @@ def pick_device(name="auto"):
     return device
 
 
-class Runtime:
-    """Where this process runs: device, rank and world size (torchrun sets RANK / WORLD_SIZE)."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-    def __init__(self, device="auto"):
+
+def cpu_bf16_features(cpuinfo="/proc/cpuinfo"):
+    """The native bf16 matmul features this CPU has: AMX (amx_bf16) and AVX512-BF16 (avx512_bf16).
+    torch's own probes where it has them (any OS), else the Linux /proc/cpuinfo flags."""
+    probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    if all(hasattr(torch.cpu, probe) for probe in probes.values()):
+        return [name for name, probe in probes.items() if getattr(torch.cpu, probe)()]
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [name for name in probes if name in flags]
+
+
+def pick_dtype(name, device, bf16_features=None):
+    """(torch dtype, why) for --dtype auto|float32|bfloat16 on `device`. auto: bfloat16 on CUDA; on a
+    CPU only with native bf16 (without it, bf16 matmuls are emulated and several times slower than
+    float32); float32 elsewhere. bf16_features: cpu_bf16_features() (tests pass their own)."""
+    if name not in ("auto", *DTYPES):
+        raise DeviceError(f"--dtype {name!r}: choose auto, {', '.join(DTYPES)}")
+    if name != "auto":
+        return DTYPES[name], "asked for with --dtype"
+    if device.type == "cuda":
+        return torch.bfloat16, "CUDA: bf16 tensor cores"
+    if device.type != "cpu":
+        return torch.float32, f"{device.type}: float32"
+    features = cpu_bf16_features() if bf16_features is None else bf16_features
+    if features:
+        return torch.bfloat16, f"the CPU has native bf16 ({', '.join(features)})"
+    return torch.float32, "the CPU has no native bf16 (no AMX or AVX512-BF16): float32 is faster there"
+
+
+def describe_dtype(dtype, why):
+    """The one start-up line that says which precision runs, and why."""
+    return f"dtype {str(dtype).removeprefix('torch.')}: {why}"
+
+
+class Runtime:
+    """Where this process runs: device, rank and world size (torchrun sets RANK / WORLD_SIZE), and the
+    compute dtype of training (pick_dtype): bfloat16 means autocast, with float32 weights and AdamW."""
+
+    def __init__(self, device="auto", dtype="auto"):
         device = pick_device(device).type
         self.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         self.rank = int(os.environ.get("RANK", 0))
@@ -73,14 +115,16 @@ class Runtime:
             # (and any other float32 matmul) use TF32 tensor cores.
             torch.set_float32_matmul_precision("high")
         self.device = torch.device(device)
+        self.dtype, self.dtype_reason = pick_dtype(dtype, self.device)
         if self.ddp and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         self.master = self.rank == 0
 
     def autocast(self):
-        # bf16 autocast on CUDA (weights and optimizer stay float32); float32 elsewhere.
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        # bf16: autocast runs the matmuls in bf16 while weights, gradients and AdamW state stay
+        # float32 (master weights); norms, softmax statistics and losses accumulate in float32.
+        if self.dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def all_sum(self, tensor):

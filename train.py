@@ -55,7 +55,7 @@ import kernels
 from checkpoint import (CheckpointError, check_same_run, latest_checkpoint, read_checkpoint, remove_partial_files,
                         save_checkpoint)
 from runtime import (ArgumentParser, DeviceError, Runtime, check_memory, device_name, memory_estimate,
-                     name_or_path, number, path, peak_flops)
+                     describe_dtype, name_or_path, number, path, peak_flops)
 from tokenizer import TokenizerError
 import sample
 import toydata
@@ -154,6 +154,8 @@ def parse_args(argv):
     g = p.add_argument_group("performance").add_argument
     g("--device", default="auto", type=device_name, help="auto, cuda, mps or cpu")
     g("--batch-size", type=count, help="sequences per device per micro-step (gradient accumulation fills the rest)")
+    g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+      help="bfloat16: autocast, float32 weights and AdamW; auto: bf16 on CUDA and CPUs with AMX/AVX512-BF16")
     g("--compile", action="store_true", help="torch.compile the model")
     g("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
     g("--force", action="store_true", help="start even when the memory estimate exceeds what the device has")
@@ -240,10 +242,9 @@ def build_model(args, rt, tokenizer):
 
 
 def load_teacher(args, rt, student, data_tokenizer):
-    # Inference only: bf16 on CUDA, read straight into that dtype on the device (an 8B Llama-3.1 teacher,
-    # RECIPE section 4.5, takes its 16 GB once), no grads, kept out of the optimizer, DDP and the checkpoint.
-    dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-    teacher, tokenizer, meta = load_model(args.teacher, rt.device, dtype)
+    # Inference only, in the run's dtype (bf16: read straight into it, so an 8B Llama-3.1 teacher, RECIPE
+    # section 4.5, takes its 16 GB once), no grads, kept out of the optimizer, DDP and the checkpoint.
+    teacher, tokenizer, meta = load_model(args.teacher, rt.device, rt.dtype)
     if meta["format"] == "ours" and tokenizer != data_tokenizer:
         raise TrainError(f"--teacher {args.teacher} was trained with tokenizer {tokenizer!r} but --data {args.data} "
                          f"uses {data_tokenizer!r}: distil on data of the teacher's tokenizer")
@@ -332,6 +333,7 @@ def log_header(log, args, rt, model, teacher, accum, step):
     log("model: " + json.dumps(asdict(model.config)))
     log(f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
     log(f"hardware: {rt.world_size} x {rt.device.type} ({hw}), {os.cpu_count()} CPUs, {platform.platform()}")
+    log(describe_dtype(rt.dtype, rt.dtype_reason))
     log(f"params {model.num_params():,} | tokens/step {args.total_batch_tokens:,} = {args.batch_size} seq x "
         f"{args.seq_len} x {rt.world_size} proc x {accum} accum | steps {args.max_steps:,} | memory/device est. "
         + " + ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.items()) + f" = {sum(mem.values()) / 2**30:.2f} GiB")
@@ -529,9 +531,10 @@ def run_toy(rt):
     if not rt.master:
         return
     print(f"\ntoy training done in {(time.time() - t_start) / 60:.1f} min; model in {out}/")
-    # Scored exactly as `python sample.py --eval N` scores it: greedy, last \boxed{} (RECIPE section 6).
+    # Scored exactly as `python sample.py --eval N` scores it: --protocol ours, graded by grading.grade.
     flags = ["--ckpt", out, "--eval", toydata.TOY_RUN["eval_problems"], "--eval-file", data_dir / "eval.jsonl",
-             "--max-new-tokens", toydata.TOY_RUN["max_new_tokens"], "--device", str(rt.device)]
+             "--max-new-tokens", toydata.TOY_RUN["max_new_tokens"], "--device", str(rt.device),
+             "--dtype", str(rt.dtype).removeprefix("torch.")]
     print(f"== python sample.py {' '.join(map(str, flags))}")
     sample.main([str(f) for f in flags])
 
@@ -551,7 +554,7 @@ def main(argv=None):
             run_toy(Runtime())
         else:
             args = parse_args(argv)
-            train(args, Runtime(args.device))
+            train(args, Runtime(args.device, args.dtype))
         if dist.is_initialized():
             # every rank done (rank 0 may still be writing the last checkpoint) before the process group
             # goes: a rank tearing gloo down while its peer is mid-collective can abort (SIGABRT)

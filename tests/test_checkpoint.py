@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 STEPS = 8
 FLAGS = ["--size", "toy", "--seq-len", "32", "--batch-size", "1", "--total-batch-tokens", "32", "--lr", "1e-3",
          "--warmup-steps", "2", "--device", "cpu", "--log-every", "1", "--eval-batches", "1", "--mixture", "arith=1",
-         "--max-steps", str(STEPS), "--save-every", "1", "--keep-last", "3"]
+         "--max-steps", str(STEPS), "--save-every", "1", "--keep-last", "3", "--dtype", "float32"]  # as in-process
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 

@@ -131,15 +131,29 @@ def test_fused_float32_and_bfloat16():
     check_against_naive(fused_small_tiles, q, k, v, True, doc_ids, atol=3e-2, rtol=2e-2)
 
 
-def test_float32_math_under_autocast():
-    # autocast must not push the kernels' float32 matmuls down to bfloat16
+def test_autocast_keeps_attention_in_float32_and_runs_the_loss_matmuls_in_bf16():
+    # Attention tiles stay float32 under autocast (exact); the loss's vocabulary matmuls take bf16
+    # as any linear layer does, its softmax, loss and gradient sums float32.
     q, k, v = make_qkv(1, 4, 2, 20, 20, 16, dtype=torch.float32)
     doc_ids = packed_doc_ids(1, 20, [[9, 11]])
     hidden, weight, targets = loss_inputs((12,), 16, 40, torch.float32)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = naive_ce(h64, w64, targets, "mean")
+    ref_grads = torch.autograd.grad(ref, (h64, w64))
+    exact = kernels.linear_cross_entropy(hidden, weight, targets, chunk_size=5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         check_against_naive(fused_small_tiles, q, k, v, True, doc_ids, atol=2e-5, rtol=1e-5)
-        loss = kernels.linear_cross_entropy(hidden, weight, targets, chunk_size=5)
-    torch.testing.assert_close(loss.double(), naive_ce(hidden.detach(), weight.detach(), targets, "mean"))
+        for recompute in (True, False):
+            loss = kernels.linear_cross_entropy(hidden, weight, targets, chunk_size=5, recompute=recompute)
+            grads = torch.autograd.grad(loss, (hidden, weight))
+            assert loss.dtype == torch.float32 and loss.item() != exact.item()  # bf16 matmuls ran
+            torch.testing.assert_close(loss.double(), ref.detach(), atol=2e-2, rtol=1e-2)
+            for g, r in zip(grads, ref_grads):
+                assert g.dtype == torch.float32  # float32 master weights get float32 gradients
+                torch.testing.assert_close(g.double(), r, atol=2e-2 * r.abs().max().item(), rtol=0)
+        # an identical student and teacher: both sides round alike, the divergence is exactly 0
+        kd = kernels.distill_loss(hidden, weight, hidden, weight, chunk_size=5)
+    assert kd.item() == 0
 
 
 def plan_pairs(T, S, causal, doc_ids, block, max_pairs=100):
@@ -173,18 +187,23 @@ def test_backend_switch_and_auto_choice(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "fused_attention", lambda *a: calls.append("fused"))
     monkeypatch.setattr(kernels, "sdpa_attention", lambda *a: calls.append("sdpa"))
+    monkeypatch.setattr(kernels, "SDPA_MASK_MAX_KEYS", 3)
     q, k, v = make_qkv(1, 2, 1, 4, 4, 8)
     doc_ids = torch.zeros(1, 4, dtype=torch.long)
     kernels.attention(q, k, v)
+    kernels.attention(q, k, v, doc_ids=doc_ids)  # 4 keys > 3: the tile loop
+    kernels.attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], doc_ids=doc_ids[:, :3])  # short: a dense mask
+    assert calls == ["sdpa", "fused", "sdpa"]
+    calls.clear()
     kernels.attention(q, k, v, doc_ids=doc_ids)
-    assert calls == ["sdpa", "fused"]
+    assert calls == ["fused"]
     with kernels.use_backend("sdpa"):
         kernels.attention(q, k, v, doc_ids=doc_ids)
         with kernels.use_backend("fused"):
             kernels.attention(q, k, v)
         kernels.attention(q, k, v, doc_ids=doc_ids, backend="fused")  # an explicit argument wins
     kernels.attention(q, k, v)
-    assert calls[2:] == ["sdpa", "fused", "fused", "sdpa"]
+    assert calls[1:] == ["sdpa", "fused", "fused", "sdpa"]
     kernels.set_backend("fused")
     try:
         kernels.attention(q, k, v)

@@ -139,7 +139,9 @@ def test_sample_equal_to_the_probe_data_scores_positive(corpus):
     assert right > 0 and all(s > 0 for s in per_ckpt)
 
 
-@pytest.mark.xfail(strict=True, reason="measured: the wrong tables score about as positive as the right ones at every "
+# Not strict: the score sits near 0 and its sign follows the float summation order (the attention
+# backend of short packed rows moved it across 0).
+@pytest.mark.xfail(strict=False, reason="measured: the wrong tables score about as positive as the right ones at every "
                    "checkpoint with the output use of the tied matrix or its whole gradient (with the loss on the results "
                    "only, negative at 2 of 5 checkpoints): the tokens and layout a sample shares with the probe "
                    "outweigh the answers' opposed terms (DataInf at its damping is close to a plain dot product)")

@@ -220,6 +220,46 @@ def test_packed_documents_do_not_see_each_other():
         assert not torch.allclose(model(packed)[:, 7:], model(b), atol=1e-3)
 
 
+def test_bf16_autocast_and_bf16_weights_match_float32_within_bf16_tolerance():
+    """Training under bf16 autocast (float32 weights) and inference with bf16 weights stay within
+    bf16 rounding of the float32 model: forward, loss (dense and chunked), every gradient, and the
+    parameters and their gradients stay float32 under autocast (master weights)."""
+    torch.manual_seed(0)
+    c = ModelConfig(vocab_size=96, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, ffn_dim=128,
+                    max_seq_len=64)
+    model = MobileLLM(c)
+    idx = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    targets = torch.roll(idx, -1, 1)
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+
+    def run(autocast, return_logits):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = model(idx, targets, doc_ids=doc_ids, return_logits=return_logits)
+        loss.backward()
+        return logits, loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logits32, loss32, grads32 = run(False, True)
+    for return_logits in (True, False):
+        logits, loss, grads = run(True, return_logits)
+        assert loss.dtype == torch.float32 and abs(loss.item() - loss32.item()) < 2e-2 * loss32.item()
+        if return_logits:
+            assert logits.dtype == torch.bfloat16
+            torch.testing.assert_close(logits.float(), logits32, atol=3e-2, rtol=3e-2)
+        for name, g in grads.items():
+            assert g.dtype == torch.float32 and model.get_parameter(name).dtype == torch.float32, name
+            scale = grads32[name].abs().max().item()
+            torch.testing.assert_close(g, grads32[name], atol=5e-2 * scale, rtol=0, msg=name)
+    model.eval()
+    with torch.no_grad():
+        logits32 = model(idx)
+        model.to(torch.bfloat16)
+        logits = model(idx)
+    assert logits.dtype == torch.bfloat16 and model.rope_cos.dtype == torch.float32  # exact angles
+    torch.testing.assert_close(logits.float(), logits32, atol=6e-2, rtol=5e-2)
+    assert (logits.float().argmax(-1) == logits32.argmax(-1)).float().mean() > 0.9
+
+
 # -------------------------------------------------------------------------------------------------
 # Llama 3.x (LlamaForCausalLM), the mid-training teacher (RECIPE section 4.5): rotate-half RoPE, no QK-norm,
 # "llama3" rope scaling, untied head; the same MobileLLM class with three config switches.
@@ -429,3 +469,17 @@ def test_llama_3_1_8b_instruct_config_is_the_teacher(tmp_path):
     with torch.device("meta"):
         teacher = MobileLLM(config)
     assert teacher.num_params() == 8_030_261_248
+
+
+def test_single_bf16_row_linear_matches_the_matmul():
+    """Decoding one token with bf16 weights goes through torch.mv (model.linear): the same values."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(300, 64, generator=g).bfloat16(), torch.randn(1, 1, 64, generator=g).bfloat16()
+    with torch.no_grad():
+        out = model_module.linear(x, w)
+        assert out.shape == (1, 1, 300) and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), torch.nn.functional.linear(x, w).float(), atol=0.05, rtol=0.02)
+        rows = torch.randn(3, 64, generator=g).bfloat16()  # several rows: the matmul itself
+        assert torch.equal(model_module.linear(rows, w), torch.nn.functional.linear(rows, w))
+    xg = x.float().requires_grad_()  # with gradients: always the matmul (autograd, autocast)
+    assert torch.equal(model_module.linear(xg, w.float()), torch.nn.functional.linear(xg, w.float()))

@@ -72,7 +72,8 @@ def run_main(argv, capsys, stdin=None, monkeypatch=None):
 def expect_user_error(argv, capsys, needle):
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
-    err = capsys.readouterr().err.strip()
+    # the one error line; the start-up line naming the dtype (printed once the model loaded) aside
+    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("dtype "))
     assert e.value.code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
 
@@ -102,11 +103,11 @@ def test_hf_greedy_tokens_equal_transformers_generate(hf_dir):
 
 
 def test_batched_scoring_equals_one_by_one(hf_dir):
-    """Prompts grouped by length, several per batch, samples as consecutive rows: the same tokens as
-    generating each prompt alone (catches row-order and cache-expansion mistakes)."""
+    """Prompts of different lengths, several per left-padded batch, samples as consecutive rows: the same
+    tokens as generating each prompt alone (catches row-order, padding and cache-expansion mistakes)."""
     model, enc = MobileLLM.from_hf(str(hf_dir)).eval(), tokenizer.get_tokenizer(str(hf_dir))
     args = sample.parse_args(["--num-samples", "2", "--batch-size", "4", "--max-new-tokens", "12", "--system", ""])
-    questions = ["12+34", "56+78", "90+12", "123*45"]  # three of one length (two batches), one other
+    questions = ["12+34", "Tom has 3 apples and buys 4 more at the market. How many now?", "90+12", "1"]
     prompts = [sample.chat_ids(enc, sample.messages_for(q, args), model.config.max_seq_len) for q in questions]
     texts, n_tokens, _ = sample.generate_batched(model, enc, prompts, args)
     stops = set(tokenizer.stop_ids(enc))
@@ -131,12 +132,71 @@ def test_reply_printer_splits_tags_and_characters(color):
         assert out == text
 
 
-def test_scoring_reads_last_box_and_gsm8k_answers():
-    assert sample.gold_answer("Natalia sold 48 + 24 = 72 clips.\n#### 72") == "72"
-    assert sample.is_correct("<think>\\boxed{7}</think> so \\boxed{1,234}", "#### 1234")
-    assert sample.is_correct("\\boxed{1234.0}", "1234")
-    assert not sample.is_correct("\\boxed{1234}</think> \\boxed{7}", "1234")  # the last box counts
-    assert not sample.is_correct("no box: 1234", "1234")
+def test_eval_records_of_math_gsm8k_and_aime(tmp_path, capsys):
+    """The official data files' fields: MATH problem + solution (its box is the answer), GSM8K
+    question + '#### 42', AIME problem + an integer answer; a record missing either is one line."""
+    path = tmp_path / "eval.jsonl"
+    records = [{"problem": "Find x.", "solution": "So $x = \\boxed{\\frac{3}{4}}$."},
+               {"question": "How many?", "answer": "3 + 4 = 7\n#### 7"}, {"problem": "AIME", "answer": 204}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    got = sample.load_eval_set(str(path))
+    assert [r["question"] for r in got] == ["Find x.", "How many?", "AIME"]
+    assert [sample.grade(c, r["answer"]) for c, r in zip(["\\boxed{0.75}", "so 7", "\\boxed{204}"], got)] == [True] * 3
+    make_checkpoint(tmp_path / "run")
+    path.write_text(json.dumps({"problem": "x", "answer_text": "1"}) + "\n")
+    expect_user_error(["--ckpt", str(tmp_path / "run"), "--eval-file", str(path)], capsys, "eval.jsonl:1")
+    path.write_text("\n")
+    expect_user_error(["--ckpt", str(tmp_path / "run"), "--eval-file", str(path)], capsys, "no eval records")
+
+
+def test_protocols_set_prompt_and_sampling():
+    """--protocol official is the official harness's settings, ours the toy default; explicit flags win."""
+    ours, official = sample.parse_args([]), sample.parse_args(["--protocol", "official"])
+    assert (ours.system, ours.temperature, ours.top_p, ours.max_new_tokens, ours.seed) == \
+        (tokenizer.DEFAULT_SYSTEM_PROMPT, 0.0, None, 1024, 0)
+    assert (official.system, official.temperature, official.top_p, official.max_new_tokens, official.seed) == \
+        ("", 0.6, 0.95, 30000, 0)
+    quick = sample.parse_args(["--protocol", "official", "--max-new-tokens", "4096", "--temperature", "0"])
+    assert (quick.max_new_tokens, quick.temperature, quick.top_p) == (4096, 0.0, 0.95)
+    enc = tokenizer.get_tokenizer("toy")
+    ids = sample.chat_ids(enc, sample.messages_for("  What is 2+2? ", official), 512, official)
+    assert ids == tokenizer.render_chat([{"role": "user", "content": "What is 2+2?"}], enc, add_generation_prompt=True)[0]
+
+
+# A Llama-3-style template that adds a default system prompt when the conversation has none, as a
+# released checkpoint's template may.
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}{{ '<|start_header_id|>system<|end_header_id|>\\n\\n"
+    "Please reason step-by-step and put your final answer within \\\\boxed{}.<|eot_id|>' }}{% endif %}"
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", ["ours", "default-system"])
+def test_official_prompt_is_the_checkpoints_chat_template(tmp_path, template):
+    """Under --protocol official a folder's chat template renders the prompt: the same ids as
+    transformers' apply_chat_template (its default system prompt included), and for a folder that
+    `python model.py export` wrote, the same ids as our render_chat."""
+    transformers = pytest.importorskip("transformers")
+    enc = tokenizer.get_tokenizer("toy")
+    tokenizer.write_hf_tokenizer(enc, str(tmp_path), 256)
+    if template == "default-system":
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        config["chat_template"] = DEFAULT_SYSTEM_TEMPLATE
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    enc = tokenizer.get_tokenizer(str(tmp_path))
+    enc.chat_template = sample.read_chat_template(str(tmp_path))
+    args = sample.parse_args(["--protocol", "official"])
+    messages = sample.messages_for("What is 17+25?\n", args)
+    ours = sample.chat_ids(enc, messages, 512, args)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True)
+    theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
+    assert ours == list(theirs)
+    assert ("step-by-step" in enc.decode(ours)) == (template == "default-system")
+    if template == "ours":
+        assert ours == tokenizer.render_chat(messages, enc, add_generation_prompt=True)[0]
 
 
 def make_checkpoint(folder):
@@ -238,3 +298,52 @@ def test_llama_folder_chats_and_evaluates(tmp_path, capsys, monkeypatch):
         f.writelines(json.dumps({"question": q, "answer": a}) + "\n" for q, a in [("1+2", "3"), ("2*4", "8")])
     lines = run_main(hf[:-1] + ["--eval-file", str(tmp_path / "eval.jsonl")], capsys).out.strip().splitlines()
     assert ACCURACY_LINE.match(lines[-1]) and ACCURACY_LINE.match(lines[-1]).group(2) == "2"
+
+
+def varied_model(max_seq_len=256):
+    """A tiny random model whose greedy continuations vary (weights wider than the 0.02 init)."""
+    config = ModelConfig(vocab_size=272, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, ffn_dim=128,
+                         max_seq_len=max_seq_len)
+    torch.manual_seed(0)
+    model = MobileLLM(config).eval()
+    for p in model.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+def alone(model, prompt, new, stops=()):
+    out = model.generate(torch.tensor([prompt]), new, stop_ids=sorted(stops))[0, len(prompt):].tolist()
+    return sample.cut_at_stop(out, set(stops))
+
+
+def test_left_padded_batch_equals_one_prompt_at_a_time():
+    """Prompts of 1 to 150 tokens in one left-padded batch: every row's greedy tokens equal its run
+    alone, with rows that stop early (a stop id) next to rows that run the full length."""
+    from model import left_pad
+    model = varied_model()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 150, 7, 64, 23, 3)]
+    free = [alone(model, p, 20) for p in prompts]
+    stop = free[0][4]  # row 0 stops at its fifth token; the others wherever this token comes, if ever
+    stops = {stop, 271}
+    expected = [alone(model, p, 20, stops) for p in prompts]
+    assert len(expected[0]) == 5 and max(map(len, expected)) == 20 and len(set(map(len, expected))) > 1
+    idx, lengths = left_pad(prompts)
+    gen = model.generate(idx, 20, stop_ids=sorted(stops), lengths=lengths)[:, idx.size(1):].tolist()
+    assert [sample.cut_at_stop(row, stops) for row in gen] == expected
+    # Samples of padded prompts: consecutive rows, each greedy row again equal to the prompt alone.
+    gen = model.generate(idx, 20, stop_ids=sorted(stops), lengths=lengths, num_samples=2)[:, idx.size(1):].tolist()
+    assert [sample.cut_at_stop(row, stops) for row in gen] == [e for e in expected for _ in range(2)]
+
+
+def test_padded_row_stops_at_its_own_context():
+    """A long prompt reaches the context before a short one: it gets the tokens it would get alone,
+    then -1 while the short row goes on."""
+    from model import left_pad
+    model = varied_model(max_seq_len=48)
+    prompts = [list(range(40, 84)), [5, 6, 7]]  # 44 tokens: 4 new before the context of 48
+    idx, lengths = left_pad(prompts)
+    gen = model.generate(idx, 30, lengths=lengths)[:, idx.size(1):].tolist()
+    assert gen[0][:4] == alone(model, prompts[0], 30) and set(gen[0][4:]) == {-1}
+    assert gen[1] == alone(model, prompts[1], 30) and len(gen[1]) == 30

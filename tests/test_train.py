@@ -29,8 +29,10 @@ from model import MobileLLM, ModelConfig
 # on each other (3x slower measured). The torchrun and signal tests' subprocesses use one too.
 torch.set_num_threads(1)
 
+# --dtype float32: the same precision in torchrun's child processes as in-process (conftest.py)
 TINY = ["--size", "toy", "--seq-len", "64", "--batch-size", "2", "--total-batch-tokens", "256",
-        "--lr", "1e-3", "--warmup-steps", "2", "--device", "cpu", "--log-every", "1", "--eval-batches", "1"]
+        "--lr", "1e-3", "--warmup-steps", "2", "--device", "cpu", "--log-every", "1", "--eval-batches", "1",
+        "--dtype", "float32"]
 
 
 def write_jsonl(path, records):
@@ -142,6 +144,27 @@ def test_resume_continues_bit_for_bit(corpus, tmp_path):
     a = torch.load(full / "ckpt_0000006.pt", weights_only=True)["model"]
     b = torch.load(part / "ckpt_0000006.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_training_keeps_float32_master_weights_and_tracks_float32(corpus, tmp_path):
+    assert pretrain(corpus, tmp_path / "fp32", "--max-steps", 3) == 0
+    assert pretrain(corpus, tmp_path / "bf16", "--max-steps", 3, "--dtype", "bfloat16") == 0
+    assert "dtype bfloat16: asked for with --dtype" in (tmp_path / "bf16" / "log.txt").read_text()
+    assert "dtype float32" in (tmp_path / "fp32" / "log.txt").read_text()
+    for a, b in zip(metrics(tmp_path / "fp32"), metrics(tmp_path / "bf16")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2) and b["loss"] != a["loss"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=0.1)
+    ckpt = torch.load(train.latest_checkpoint(tmp_path / "bf16"), weights_only=True)
+    assert all(w.dtype == torch.float32 for w in ckpt["model"].values())  # float32 master weights
+    moments = [s[k] for s in ckpt["optimizer"]["state"].values() for k in ("exp_avg", "exp_avg_sq")]
+    assert moments and all(m.dtype == torch.float32 for m in moments)  # AdamW state in float32
+    fp32 = torch.load(train.latest_checkpoint(tmp_path / "fp32"), weights_only=True)["model"]
+    torch.manual_seed(0)  # the initial weights both runs started from (--seed 0)
+    init = MobileLLM(ModelConfig.from_size("toy")).state_dict()
+    for k, w in ckpt["model"].items():  # the 3 steps' updates point the same way, up to bf16 rounding
+        ours, exact = (w - init[k]).flatten(), (fp32[k] - init[k]).flatten()
+        assert torch.nn.functional.cosine_similarity(ours, exact, 0) > 0.99, k
+        assert (ours - exact).norm() < 0.1 * exact.norm(), k
 
 
 def test_activation_checkpointing_gives_the_same_losses(corpus, tmp_path):
