@@ -43,12 +43,10 @@ from model import SIZES, ModelError, latest_checkpoint, load_model
 from runtime import ArgumentParser, DeviceError, Runtime, device_name, matching, name_or_path, number, path
 from tokenizer import TokenizerError
 
-# The parameters whose gradients the influence is measured on (RECIPE section 7: "the embedding and output
-# layers"). Ours are one tied matrix E (RECIPE section 2) with two uses. The default, OUTPUT, is its output use
-# alone: dL/dE through logits = h E^T, (softmax - onehot) h^T per position, which says which tokens a document
-# teaches the model to predict, and needs no backward pass. --params embed_tokens.weight takes E's whole gradient
-# (output and input use); its input part moves with everything downstream and made the planted-error source look
-# helpful (RESULTS.md). Named parameters (e.g. norm.weight) can be added: each is a DataInf layer, own damping.
+# The measured parameters (RECIPE section 7: "the embedding and output layers"; ours are one tied matrix E, RECIPE
+# section 2). Default OUTPUT: E's output use alone, dL/dE through logits = h E^T (no backward pass). Its whole
+# gradient (--params embed_tokens.weight) adds the input use, whose rows move with everything downstream; it made the
+# planted-error source look helpful (RESULTS.md). Named parameters can be added: each a DataInf layer, own damping.
 OUTPUT = "output"
 DEFAULT_PARAMS = (OUTPUT,)
 DAMPING = 0.1  # lambda_l = 0.1 * mean ||g_il||^2 / d_l (DataInf's default, RECIPE section 7); --damping
