@@ -37,16 +37,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import kernels
 import train
 from model import SIZES, ModelError, latest_checkpoint, load_model
 from runtime import ArgumentParser, DeviceError, Runtime, device_name, matching, name_or_path, number, path
 from tokenizer import TokenizerError
 
-# The parameters whose gradients the influence is measured on (RECIPE section 7: "the embedding and output
-# layers"). Ours are one tied matrix (RECIPE section 2), so that matrix is the subset: its gradient carries
-# both roles, the input embedding of every token the document holds and the output projection onto every
-# token it predicts. It is one DataInf "layer" (its own damping); --params adds others as further layers.
-DEFAULT_PARAMS = ("embed_tokens.weight",)
+# The measured parameters (RECIPE section 7: "the embedding and output layers"; ours are one tied matrix E, RECIPE
+# section 2). Default OUTPUT: E's output use alone, dL/dE through logits = h E^T (no backward pass). Its whole
+# gradient (--params embed_tokens.weight) adds the input use, whose rows move with everything downstream; it made the
+# planted-error source look helpful (RESULTS.md). Named parameters can be added: each a DataInf layer, own damping.
+OUTPUT = "output"
+DEFAULT_PARAMS = (OUTPUT,)
 DAMPING = 0.1  # lambda_l = 0.1 * mean ||g_il||^2 / d_l (DataInf's default, RECIPE section 7); --damping
 
 
@@ -101,11 +103,10 @@ def parse_probe(spec):
 
 
 def open_sources(data_dir, names):
-    names = names or []
     if not os.path.isdir(data_dir):
         raise MixingError(f"--data {data_dir} does not exist; prepare sources into it with `python data.py prepare`")
     prepared = sorted(d for d in os.listdir(data_dir) if data.read_meta(os.path.join(data_dir, d)) is not None)
-    unknown = [n for n in names if n not in prepared]
+    unknown = [n for n in names or [] if n not in prepared]
     if unknown or not names:
         raise MixingError(f"unknown source {', '.join(unknown) or '(none given)'} in {data_dir}; prepared: "
                           f"{', '.join(prepared) or 'none'}")
@@ -138,11 +139,13 @@ def load_scorer(file, sources, rt, param_names):
     if model.config.vocab_size < src.meta["vocab_size"] or foreign:
         raise MixingError(f"checkpoint {file} has a vocabulary of {model.config.vocab_size} ({tokenizer}), the data "
                           f"{src.meta['vocab_size']} ({src.meta['tokenizer']}): use a model of the data's tokenizer")
-    named = dict(model.named_parameters())
+    named = dict(model.named_parameters()) | {OUTPUT: model.lm_head_weight}
     if any(n not in named for n in param_names):
-        raise MixingError(f"--params {','.join(param_names)}: no such parameter; e.g. {', '.join(list(named)[:3])}")
+        raise MixingError(f"--params {','.join(param_names)}: no such parameter; e.g. {', '.join(list(named)[-4:])}")
     model.eval().requires_grad_(False)
-    return model, [named[n].requires_grad_(True) for n in param_names]
+    for n in set(param_names) - {OUTPUT}:
+        named[n].requires_grad_(True)
+    return model, list(param_names)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -158,14 +161,19 @@ def doc_tensors(tokens, mask, max_len, device):
 
 
 def doc_gradient(model, params, tokens, mask, rt):
-    """Flat float32 gradients of the document's mean token loss on params, and its supervised tokens (or None, 0)."""
+    """Flat float32 gradients of the document's mean token loss on params (names, or OUTPUT), and its
+    supervised tokens (or None, 0)."""
     x, y = doc_tensors(tokens, mask, model.config.max_seq_len, rt.device)
     n = int((y != -100).sum())
     if n == 0:
         return None, 0
+    w_out = model.lm_head_weight
+    if not w_out.requires_grad:  # not named itself: its output use alone, through a detached copy
+        w_out = w_out.detach().requires_grad_()
     with rt.autocast():  # bf16 on CUDA
-        _, loss = model(x, y, return_logits=False)
-    return [g.float().flatten() for g in torch.autograd.grad(loss, params)], n
+        loss = kernels.linear_cross_entropy(model.forward_hidden(x), w_out, y, recompute=False)
+    named = dict(model.named_parameters()) | {OUTPUT: w_out}
+    return [g.float().flatten() for g in torch.autograd.grad(loss, [named[p] for p in params])], n
 
 
 def each_gradient(model, params, docs, rt, bar):
@@ -178,9 +186,7 @@ def each_gradient(model, params, docs, rt, bar):
 
 
 def all_sum(rt, tensors):
-    for t in tensors:
-        rt.all_sum(t)
-    return tensors
+    return [rt.all_sum(t) for t in tensors]  # in place
 
 
 def directions(model, params, probes, hessian, rt, bar, damping=DAMPING):
@@ -189,7 +195,8 @@ def directions(model, params, probes, hessian, rt, bar, damping=DAMPING):
         lambda_l = 0.1 mean_i ||g_il||^2 / d_l,  c_i = <v_l, g_il> / (lambda_l + ||g_il||^2),
         h_l = (1 / (n lambda_l)) sum_i (v_l - c_i g_il) = v_l / lambda_l - sum_i c_i g_il / (n lambda_l),
     i.e. the mean over samples of the exactly inverted (g_i g_i^T + lambda I): each by Sherman-Morrison."""
-    dev, dims = rt.device, [p.numel() for p in params]
+    named, dev = dict(model.named_parameters()) | {OUTPUT: model.lm_head_weight}, rt.device
+    dims = [named[p].numel() for p in params]
     v = []
     for docs in probes:
         acc = [torch.zeros(d, device=dev) for d in dims] + [torch.zeros(1, device=dev)]
@@ -210,7 +217,7 @@ def directions(model, params, probes, hessian, rt, bar, damping=DAMPING):
             for c in range(P):
                 dots[i, c, l] = torch.dot(v[c][l], gl)
     norms, dots, valid = all_sum(rt, [norms, dots, valid])
-    n_valid = valid.sum().clamp(min=1)
+    n_valid = valid.sum().clamp(min=1)  # lambda_l: DataInf's damping rule, damping x mean ||g_il||^2 / d_l
     lam = damping * norms.sum(0) / n_valid / torch.tensor(dims, dtype=torch.float64, device=dev)
     coef = dots / (lam + norms)[:, None, :] * valid[:, None, None]  # c_i, per probe and layer
     acc = [[torch.zeros(d, dtype=torch.float64, device=dev) for d in dims] for _ in range(P)]
@@ -241,8 +248,7 @@ def joint_benefit(ckpts, sources, probes, docs, hessian, rt, param_names=DEFAULT
                   damping=DAMPING):
     """Eq. 5: per-document benefit (n, probes), summed over checkpoints with alpha_t proportional to the
     checkpoint's step t (normalised to sum 1); and the documents' supervised tokens."""
-    alpha = np.array([step for _, step in ckpts], dtype=np.float64)
-    alpha /= alpha.sum()
+    alpha = np.array([step for _, step in ckpts], dtype=np.float64) / sum(step for _, step in ckpts)
     total = None
     work = len(ckpts) * (sum(len(p) for p in probes) + 2 * len(hessian) + len(docs))
     bar = tqdm(total=work, desc=desc, unit="doc", disable=not rt.master or None, dynamic_ncols=True)
@@ -266,6 +272,11 @@ def probe_loss(model, docs, rt):
         total += torch.stack([loss.double(), (y != -100).sum().double()])
     total = rt.all_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def final_probe_losses(run_or_ckpt, probes, rt):
+    model = load_model(run_or_ckpt, rt.device)[0]
+    return {p: probe_loss(model, docs, rt) for p, docs in probes.items()}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -311,10 +322,8 @@ def loo(args, rt):
     for run, names in runs.items():
         mixture = ",".join(f"{n}={sources[n].n_tokens}" for n in names)
         run_training(train_flags(args, mixture, os.path.join(args.out, run), args.seed, args.steps, args.points), rt)
-        losses[run] = {}
-        for file, step in checkpoint_files([os.path.join(args.out, run)]):
-            model, _, _ = load_model(file, rt.device)
-            losses[run][step] = {p: probe_loss(model, docs, rt) for p, docs in probes.items()}
+        losses[run] = {step: final_probe_losses(file, probes, rt)
+                       for file, step in checkpoint_files([os.path.join(args.out, run)])}
     steps = sorted(losses["all"])
     delta = {n: {p: {s: losses[f"without-{n}"][s][p] - losses["all"][s][p] for s in steps} for p in probes}
              for n in sources}
@@ -338,10 +347,9 @@ def weights(args, rt):
     probes = probe_sets(args)
     ckpts = checkpoint_files(args.ckpt)
     parts = [(s, sample_docs(s, args.docs, args.seed)) for s in sources.values()]
-    docs = DocSet(parts)
     share = max(1, args.hessian_docs // len(parts))  # the Hessian sample: an equal share of every source
     hessian = DocSet([(s, sample_docs(s, share, args.seed + 1)) for s in sources.values()])
-    scores, tokens = joint_benefit(ckpts, list(sources.values()), list(probes.values()), docs, hessian, rt,
+    scores, tokens = joint_benefit(ckpts, list(sources.values()), list(probes.values()), DocSet(parts), hessian, rt,
                                    args.params, damping=args.damping)
     per_probe, start = {p: {} for p in probes}, 0
     for name, (_, ix) in zip(sources, parts):
@@ -437,7 +445,7 @@ DEMO_DIR, DEMO_OUT = "data/toy-mix", "out/mixing"
 DEMO_SOURCES = ["worked-addsub", "worked-mul", "drills", "errors", "off-task"]
 # The hand-set toy mixture (data.PRESETS["toy"]: 90% worked problems, 10% drill sheets) on these sources.
 DEMO_HAND_SET = "worked-addsub=0.45,worked-mul=0.45,drills=0.1"
-DEMO = dict(loo_steps=100, pretrain_steps=200, sft_steps=30, midtrain_steps=60, seeds=(0, 1), eval_problems=0)
+DEMO = dict(loo_steps=200, pretrain_steps=200, sft_steps=30, midtrain_steps=60, seeds=(0, 1), eval_problems=0)
 
 
 def sft_accuracy(run_dir, pre_dir, args, rt, seed):
@@ -453,26 +461,19 @@ def sft_accuracy(run_dir, pre_dir, args, rt, seed):
     sargs = sample.parse_args(["--ckpt", str(run_dir), "--eval", str(DEMO["eval_problems"]), "--eval-file",
                                os.path.join(args.data, "eval.jsonl"), "--max-new-tokens", "300", "--device",
                                str(rt.device)])
-    model, enc = sample.load(sargs, rt.device)
-    problems = sample.eval_problems(sargs)
-    prompts = [sample.chat_ids(enc, sample.messages_for(p["question"], sargs), model.config.max_seq_len)
-               for p in problems]
-    texts, _, _ = sample.generate_batched(model, enc, prompts, sargs)
+    (model, enc), problems = sample.load(sargs, rt.device), sample.eval_problems(sargs)
+    texts, _, _ = sample.generate_batched(model, enc, [sample.chat_ids(enc, sample.messages_for(
+        p["question"], sargs), model.config.max_seq_len) for p in problems], sargs)
     return sum(sample.is_correct(t[0], p["answer"]) for t, p in zip(texts, problems)) / len(problems)
-
-
-def final_probe_losses(run_dir, probes, rt):
-    model = load_model(run_dir, rt.device)[0]
-    return {p: probe_loss(model, docs, rt) for p, docs in probes.items()}
 
 
 def demo(rt):
     import toydata
     t0 = time.time()
-    if rt.master:
-        toydata.write_mixing_toy(DEMO_DIR)
+    if rt.master and toydata.write_mixing_toy(DEMO_DIR):
+        shutil.rmtree(DEMO_OUT, ignore_errors=True)  # runs on an older corpus are not reused
     if rt.ddp:
-        dist.barrier()
+        dist.barrier()  # the corpus is written before any rank reads it
     base = ["--data", DEMO_DIR, "--sources", ",".join(DEMO_SOURCES), "--size", "toy", "--batch-size", "4",
             "--probe-docs", "24"] + [f for k in toydata.KINDS for f in ("--probe", f"{k}={DEMO_DIR}/probe-{k}")]
     out = Path(DEMO_OUT)
@@ -490,21 +491,20 @@ def demo(rt):
     mixtures = {"uniform": ",".join(f"{n}=1" for n in DEMO_SOURCES), "derived": f"@{out}/weights.json",
                 "hand-set": DEMO_HAND_SET}
     say("\n== 3. pre-training with each mixture, same token budget, then the same SFT")
-    results, probes = {}, probe_sets(args)
+    results, probes = {}, probe_sets(args)  # the same documents as the probes of loo and weights
     for name, mixture in mixtures.items():
         for seed in DEMO["seeds"]:
             pre = out / f"pretrain-{name}-s{seed}"
             run_training(train_flags(args, mixture, str(pre), seed, DEMO["pretrain_steps"], points=1), rt)
-            losses = final_probe_losses(pre, probes, rt)
             acc = sft_accuracy(out / f"sft-{name}-s{seed}", pre, args, rt, seed)
-            results.setdefault(name, []).append({"seed": seed, "probe_loss": losses, "accuracy": acc})
+            results.setdefault(name, []).append({"seed": seed, "probe_loss": final_probe_losses(pre, probes, rt),
+                                                 "accuracy": acc})
     say("\n== 4. mid-training filter, two rounds (filter -> mid-train -> filter -> mid-train) vs no filtering")
     start, steps = out / "pretrain-derived-s0", DEMO["midtrain_steps"]
     filt, current = {}, start
     for r in (1, 2):
-        kept = filter_source(command("filter", *base, "--source", "pool", "--hessian-docs", 128, "--ckpt", current,
-                                     "--out", f"{DEMO_DIR}/pool-r{r}"), rt)
-        if not len(kept):
+        if not len(kept := filter_source(command("filter", *base, "--source", "pool", "--hessian-docs", 128, "--ckpt",
+                                                 current, "--out", f"{DEMO_DIR}/pool-r{r}"), rt)):
             break
         run_dir = out / f"midtrain-filtered-r{r}"
         run_training(train_flags(args, f"pool-r{r}=1", str(run_dir), 0, steps, 1, init_from=current,
@@ -517,7 +517,6 @@ def demo(rt):
     unfiltered = final_probe_losses(plain, probes, rt)
     if not rt.master:
         return
-    print(f"\nderived weights: " + ", ".join(f"{n} {w:.1%}" for n, w in derived["weights"].items()))
     kinds = list(probes)
     print(f"\n{'mixture':<10}{'seed':>5}" + "".join(f"{k:>9}" for k in kinds) + f"{'mean':>9}{'accuracy':>10}")
     for name, rows in results.items():
@@ -560,7 +559,7 @@ def parse_args(argv):
     scoring.add_argument("--damping", type=number(float, above=0), default=DAMPING,
                          help="lambda_l = DAMPING x mean ||g_l||^2 / d_l")
     scoring.add_argument("--params", type=names, default=",".join(DEFAULT_PARAMS),
-                         help="parameters measured, comma-separated (default: the tied embedding)")
+                         help=f"measured layers: {OUTPUT} (the tied matrix's output use) and/or parameter names")
     q = sub.add_parser("loo", parents=[common], help="leave-one-out runs (Eq. 1)")
     q.add_argument("--steps", type=count, required=True, help="optimizer steps of every run")
     q.add_argument("--points", type=count, default=3, help="checkpoints (evenly spaced) at which Delta L is reported")

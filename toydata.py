@@ -44,6 +44,7 @@ import json
 import os
 import random
 import re
+import shutil
 import zlib
 
 import data
@@ -342,19 +343,15 @@ def off_task(rng, n, words_per_doc=40):
     return [" ".join(rng.choice(WORDS) for _ in range(words_per_doc)).capitalize() + "." for _ in range(n)]
 
 
-def with_planted_errors(question, rng, rate=0.7):
-    """A worked problem whose arithmetic is wrong: each digit a column line or result line computes is
-    replaced by another digit with probability `rate`, and the boxed answer is always wrong. The layout
-    is exactly the correct trace's, so only the arithmetic differs."""
-    def corrupt(digits):
-        return "".join(str((int(d) + rng.randint(1, 9)) % 10) if rng.random() < rate else d for d in digits)
+def with_planted_errors(question, shift=1):
+    """A worked problem written by a systematic wrong rule: every digit of the trace and of the boxed answer
+    is raised by `shift`, mod 10 (the question itself stays right), so each operand is miscopied and each
+    column and result is wrong ("682+361" is worked as "793+472", "3+2+1=14", ...) in the same way every time.
+    A model learns the rule, which contradicts the correct traces token for token; the layout is exactly the
+    correct trace's, so only the digits differ."""
     trace, answer = solve(question)
-    lines = []
-    for line in trace.split("\n"):
-        head, eq, tail = line.rpartition("=")
-        lines.append(f"{head}={corrupt(tail)}" if eq and tail.isdigit() else line)
-    wrong = str((int(answer) + rng.randint(1, 9) * 10 ** rng.randint(0, len(answer) - 1)))
-    return f"{question}{TEXT_SEPARATOR}<think>\n" + "\n".join(lines) + f"\n</think>\n\\boxed{{{wrong}}}"
+    shifted = "".join(str((int(c) + shift) % 10) if c.isdigit() else c for c in f"{trace}\n</think>\n\\boxed{{{answer}}}")
+    return f"{question}{TEXT_SEPARATOR}<think>\n{shifted}"
 
 
 def generate_mixing(seed=0, n_worked=3000, n_drills=800, n_errors=3000, n_off=1500, n_pool=1500, n_probe=40,
@@ -373,11 +370,11 @@ def generate_mixing(seed=0, n_worked=3000, n_drills=800, n_errors=3000, n_off=15
     text = {"worked-addsub": [worked_text(q) for q in _questions(rng, n_worked, additive, False, False)],
             "worked-mul": [worked_text(q) for q in _questions(rng, n_worked, multiplicative, False, False)],
             "drills": facts(rng, n_drills),
-            "errors": [with_planted_errors(q, rng) for q in _questions(rng, n_errors, TRAIN_WEIGHTS, False, False)],
+            "errors": [with_planted_errors(q) for q in _questions(rng, n_errors, TRAIN_WEIGHTS, False, False)],
             "off-task": off_task(rng, n_off)}
     third = n_pool // 3
     text["pool"] = ([worked_text(q) for q in _questions(rng, third, TRAIN_WEIGHTS, False, False)]
-                    + [with_planted_errors(q, rng) for q in _questions(rng, third, TRAIN_WEIGHTS, False, False)]
+                    + [with_planted_errors(q) for q in _questions(rng, third, TRAIN_WEIGHTS, False, False)]
                     + off_task(rng, n_pool - 2 * third))
     rng.shuffle(text["pool"])
     evals = []
@@ -389,10 +386,16 @@ def generate_mixing(seed=0, n_worked=3000, n_drills=800, n_errors=3000, n_off=15
     return {"text_sources": text, "chat_sources": {"toy-sft": sft}, "eval": evals}
 
 
+MIXING_FORMAT = 2  # bumped when generate_mixing's contents change (2: planted errors by a systematic rule)
+
+
 def write_mixing_toy(out_dir, seed=0):
-    """Write and prepare generate_mixing()'s corpus in out_dir (toy tokenizer); DIR/eval.jsonl last."""
-    if os.path.isfile(os.path.join(out_dir, "eval.jsonl")):
-        return
+    """Write and prepare generate_mixing()'s corpus in out_dir (toy tokenizer); DIR/toy-mix.json last. True when
+    it was (re)built: a corpus of another seed or format is replaced."""
+    marker, wanted = os.path.join(out_dir, "toy-mix.json"), {"seed": seed, "format": MIXING_FORMAT}
+    if os.path.isfile(marker) and json.loads(open(marker).read()) == wanted:
+        return False
+    shutil.rmtree(out_dir, ignore_errors=True)
     corpus = generate_mixing(seed)
     raw = os.path.join(out_dir, "raw")
     os.makedirs(raw, exist_ok=True)
@@ -402,3 +405,6 @@ def write_mixing_toy(out_dir, seed=0):
             write_jsonl(path, ({field: d} for d in docs))
             data.prepare(name, [path], out_dir, tokenizer="toy", workers=1)
     write_jsonl(os.path.join(out_dir, "eval.jsonl"), corpus["eval"])
+    with open(marker, "w") as f:
+        json.dump(wanted, f)
+    return True

@@ -88,15 +88,18 @@ def gradients(model, params, docs, rt):
     return torch.stack([torch.cat(mixing.doc_gradient(model, params, *docs[i], rt)[0]) for i in range(len(docs))])
 
 
-@pytest.mark.parametrize("n_hessian,damping", [(1, mixing.DAMPING), (24, 100.0)])
+@pytest.mark.parametrize("n_hessian,damping", [(1, mixing.DAMPING), (24, mixing.DAMPING), (24, "0.5 d")])
 def test_datainf_matches_exact_damped_inverse(corpus, n_hessian, damping):
-    """The closed form against v^T (G^T G / n + lambda I)^-1 g_k formed exactly. One Hessian sample: equal
-    (Sherman-Morrison is exact). Many: the closed form swaps the inverse and the mean over samples, which is
-    accurate when lambda is not negligible next to ||g||^2 (here ~5% of it: rank correlation >= 0.9). At the
-    paper's damping (0.1 / d_l of it) the two rank these 60 documents with a correlation of only ~0.3-0.5."""
+    """The closed form against v^T (G^T G / n + lambda I)^-1 g_k formed exactly, lambda = damping mean ||g||^2 / d
+    (DataInf's rule; its default damping 0.1). One Hessian sample: equal at the default (Sherman-Morrison is
+    exact). Many: the closed form swaps the inverse and the mean over samples, accurate when lambda is not
+    negligible next to ||g||^2: at lambda = 0.5 mean ||g||^2 the rank correlation is >= 0.9 (measured 0.99);
+    at the default (lambda = 0.1 / d of it, d = 2,176) only ~0.6 on these 60 documents, asserted as
+    better than chance so that a broken closed form still fails."""
     rt = Runtime("cpu")
     good, bad = data.Source(str(corpus / "good")), data.Source(str(corpus / "bad"))
     model, params = mixing.load_scorer(corpus / "run" / "ckpt_0000300.pt", [good], rt, mixing.DEFAULT_PARAMS)
+    damping = 0.5 * model.embed_tokens.weight.numel() if damping == "0.5 d" else damping
     probe = mixing.DocSet([(data.Source(str(corpus / "probe")), np.arange(8))])
     hessian = mixing.DocSet([(good, np.arange(n_hessian))])
     scored = mixing.DocSet([(good, np.arange(100, 130)), (bad, np.arange(30))])
@@ -107,11 +110,12 @@ def test_datainf_matches_exact_damped_inverse(corpus, n_hessian, damping):
     lam = damping * G.square().sum(1).mean() / G.shape[1]
     H = G.T @ G / len(G) + lam * torch.eye(G.shape[1], dtype=torch.float64)
     exact = (gradients(model, params, scored, rt).double() @ torch.linalg.solve(H, v)).numpy()
+    rank = lambda a: np.argsort(np.argsort(a))  # noqa: E731
+    correlation = np.corrcoef(rank(fast[:, 0]), rank(exact))[0, 1]
     if n_hessian == 1:
         np.testing.assert_allclose(fast[:, 0], exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
     else:
-        rank = lambda a: np.argsort(np.argsort(a))  # noqa: E731
-        assert np.corrcoef(rank(fast[:, 0]), rank(exact))[0, 1] >= 0.9
+        assert correlation >= (0.4 if damping == mixing.DAMPING else 0.9)
 
 
 def sign_scores(corpus):
@@ -137,8 +141,10 @@ def test_sample_equal_to_the_probe_data_scores_positive(corpus):
 
 # Not strict: the score sits near 0 and its sign follows the float summation order (the attention
 # backend of short packed rows moved it across 0).
-@pytest.mark.xfail(strict=False, reason="measured: on these toy models the embedding-gradient benefit of the tables "
-                   "with wrong results is as positive as that of the right ones (shared format dominates)")
+@pytest.mark.xfail(strict=False, reason="measured: the wrong tables score about as positive as the right ones at every "
+                   "checkpoint with the output use of the tied matrix or its whole gradient (with the loss on the results "
+                   "only, negative at 2 of 5 checkpoints): the tokens and layout a sample shares with the probe "
+                   "outweigh the answers' opposed terms (DataInf at its damping is close to a plain dot product)")
 def test_same_sample_with_wrong_answers_scores_negative(corpus):
     _, wrong_answers, _ = sign_scores(corpus)
     assert wrong_answers < 0
