@@ -2,9 +2,8 @@
 Find the data mixture the way the paper did (RECIPE section 7): probe each capability, measure what each
 source does for it, and turn that into mixture weights or filtered data.
 
-The demonstration (CPU, about 30 minutes on 2 cores): a toy corpus with sources of uneven value, leave-one-out,
-influence weights, pre-training with uniform / derived / hand-set weights, then two rounds of filtering:
-    python mixing.py
+The demonstration (about 13 minutes on one CPU thread): a toy corpus with sources of uneven value, leave-one-out,
+influence weights, pre-training with uniform / derived / hand-set weights, then two rounds of filtering: python mixing.py
 
 Leave-one-out (Eq. 1): one run on all sources, one per left-out source, same budget and seed:
     python mixing.py loo --data data/toy-mix --sources worked-addsub,worked-mul,drills,errors,off-task \
@@ -16,8 +15,7 @@ Influence weights (Eqs. 2, 5, 6) from one or more checkpoints (a run folder: all
 Mid-training filter (Eqs. 7-8): a new prepared source with the documents of positive benefit only:
     python mixing.py filter --data data/toy-mix --source pool --probe add=data/toy-mix/probe-add \
         --ckpt out/derived --out data/toy-mix/pool-r1
-A probe is NAME=DIR[:SOURCE]: a prepared source folder, or a data folder and one of its sources. On GPUs the
-scoring pass runs in bf16, each rank scoring a disjoint share (results combined on rank 0):
+A probe is NAME=DIR[:SOURCE] (a source folder, or a data folder and a source); under torchrun ranks share the scoring:
     torchrun --standalone --nproc_per_node 8 mixing.py weights --data data/pretrain --sources fineweb-edu,wiki \
         --probe math=data/probes/math --ckpt out/specialist-math --json out/weights.json
 """
@@ -534,8 +532,6 @@ def demo(rt):
     print(f"\ndemo done in {(time.time() - t0) / 60:.1f} min; results in {out}/demo.json")
 
 
-# -------------------------------------------------------------------------------------------------
-
 def parse_args(argv):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")  # none: the demonstration
@@ -569,7 +565,7 @@ def parse_args(argv):
     q.add_argument("--json", type=path("file"), help="write the weights here (train.py / data.py mix --mixture @FILE)")
     q = sub.add_parser("filter", parents=[common, scoring], help="keep the documents of positive benefit (Eqs. 7-8)")
     q.add_argument("--source", required=True, type=names, help="the source to filter")
-    q.add_argument("--out", required=True, type=path("new"), help="the new source folder (its name is the new source's)")
+    q.add_argument("--out", required=True, type=path("new"), help="the new source folder (its name: the new source's)")
     runs = (("--batch-size", count, 8, "rows per step"), ("--seq-len", count, 256, "tokens per row"),
             ("--lr", number(float, above=0), 3e-3, "peak learning rate"), ("--warmup", at_least_0, 20, "warmup steps"))
     for q in sub.choices.values():  # the training runs of loo and of the demonstration
@@ -577,9 +573,8 @@ def parse_args(argv):
         for flag, kind, default, text in runs:
             q.add_argument(flag, type=kind, default=default, help=f"training runs: {text}")
     args = p.parse_args(argv)
-    for name in ("sources", "params"):  # comma-separated lists
-        if getattr(args, name, None):
-            setattr(args, name, getattr(args, name).split(","))
+    for name in [n for n in ("sources", "params") if getattr(args, n, None)]:  # comma-separated lists
+        setattr(args, name, getattr(args, name).split(","))
     return args
 
 
