@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 import zlib
 from contextlib import nullcontext
@@ -169,7 +170,9 @@ def prepare(source, inputs, out_dir, tokenizer="llama3", field=None, workers=Non
         bar = tqdm(total=len(jobs), desc=f"prepare {source}", unit="file", disable=None)
         parts, replaced = [], 0
         # --workers 1 runs in this process (and keeps tests free of process start-up)
-        with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:
+        # workers ignore Ctrl-C: the parent alone stops (one line, nothing renamed into place)
+        with multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 1 \
+                else nullcontext() as pool:
             for result, bad in (pool.imap if pool else map)(_tokenize_file, jobs):  # input order: any --workers
                 parts, replaced = parts + result, replaced + bad
                 bar.update()
@@ -569,6 +572,10 @@ def main(argv=None):
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: no source was left half-written (a source's folder appears only when complete)",
+              file=sys.stderr)
+        sys.exit(130)
     except OSError as e:  # a full disk, a folder that is not writable: the environment, not a bug
         print(f"error: {f'{e.filename}: {e.strerror}' if e.filename else f'{e}: is the disk full?'}", file=sys.stderr)
         sys.exit(2)
