@@ -116,13 +116,16 @@ def test_grading_without_the_optional_packages(monkeypatch, missing):
 
 
 def test_symbolic_comparison_has_a_time_limit(monkeypatch):
+    """A comparison that runs past the limit is interrupted (and counts as not equal), not waited for."""
+    finished = []
+
     def slow(s):
         time.sleep(30)
+        finished.append(s)
     monkeypatch.setattr(grading, "to_sympy", slow)
     monkeypatch.setattr(grading, "SYMBOLIC_SECONDS", 0.2)
-    t0 = time.perf_counter()
     assert not grade("\\boxed{x^2}", "x*x")
-    assert time.perf_counter() - t0 < 3
+    assert not finished
 
 
 def test_model_text_is_never_evaluated(monkeypatch, tmp_path):
