@@ -475,17 +475,17 @@ def bench_compile(args):
 
 
 def bench_mixing(args):
-    """mixing.py's scoring pass at 140m: per 2,048-token document, the gradient of the tied embedding (forward and
-    backward) and its benefit on one probe, as `mixing.py weights/filter` stream them. Documents/s; there is no
+    """mixing.py's scoring pass at 140m: per 2,048-token document, the gradient of the measured layer (the
+    default: the tied matrix's output use; forward and backward) and its benefit on one probe, as `mixing.py weights/filter` stream them. Documents/s; there is no
     reference (the paper's code is unreleased)."""
     import mixing
     from runtime import Runtime
     torch.manual_seed(0)
     model = MobileLLM(ModelConfig.from_size("140m")).eval().requires_grad_(False)
-    params = [model.embed_tokens.weight.requires_grad_(True)]
+    params = list(mixing.DEFAULT_PARAMS)
     rng = np.random.default_rng(0)
     docs = [(rng.integers(0, model.config.vocab_size, 2049).astype(np.uint32), None) for _ in range(2)]
-    dirs, rt = [[torch.randn(params[0].numel())]], Runtime("cpu")
+    dirs, rt = [[torch.randn(model.lm_head_weight.numel())]], Runtime("cpu", args.dtype)
     t = compare({"ours": lambda: mixing.benefits(model, params, dirs, docs, rt, mixing.tqdm(disable=True))},
                 "mixing", args)
     yield row("mixing score 140m, 2k-token docs", len(docs) / t["ours"], None, "docs/s")

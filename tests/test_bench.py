@@ -125,3 +125,14 @@ def test_eval_batched_row(tmp_path):
     (r,) = json.loads(out.read_text())
     assert r["unit"] == "problems/s" and "batch 16 vs one at a time" in r["name"]
     assert r["ours"] > 0 and r["reference"] > 0 and r["ratio"] == pytest.approx(r["ours"] / r["reference"])
+
+
+def test_mixing_row_scores_documents(monkeypatch):
+    """The mixing section runs mixing.py's scoring pass (its parameter names API) and reports documents/s."""
+    import argparse
+    from model import ModelConfig
+    tiny = ModelConfig(vocab_size=64, n_layer=1, d_model=32, n_head=2, n_kv_head=1, head_dim=16, ffn_dim=64,
+                       max_seq_len=4096)
+    monkeypatch.setattr(bench.ModelConfig, "from_size", staticmethod(lambda size: tiny))
+    (r,) = bench.bench_mixing(argparse.Namespace(dtype="float32", profile=False, warmup=0, reps=1, threads=1))
+    assert r["unit"] == "docs/s" and r["ours"] > 0 and r["reference"] is None
