@@ -4,7 +4,6 @@ resumption and rank split (the tokenizers are tested in test_tokenizer.py). Herm
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 

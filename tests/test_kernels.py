@@ -1,8 +1,6 @@
 """Tests for kernels.py against float64 naive references. Small shapes and small tiles (block_q,
 block_k of a few positions) exercise the tiling, the online softmax and the tile skipping cheaply."""
-import os
 import re
-import sys
 
 import pytest
 import torch

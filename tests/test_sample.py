@@ -15,7 +15,6 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
-import data
 import hf
 import tokenizer
 import sample

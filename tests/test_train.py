@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import data
 import runtime
-import sample
 import toydata
 import train
 from model import MobileLLM, ModelConfig
