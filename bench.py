@@ -1,6 +1,7 @@
 """
 Speed and memory side by side with the reference implementation, in one process, same threads, same
-weights: warm-up first, then repetitions alternating ours and the reference, median reported.
+weights: warm-up first, then repetitions alternating ours and the reference, median reported. The
+workloads themselves (what each side runs) are built in workloads.py; this file measures and reports.
 
     python bench.py                          # every comparison (~6 minutes on a 2-core CPU)
     python bench.py --quick                  # one timed repetition, fewer shapes: under 2 minutes
@@ -37,41 +38,25 @@ and activations together. Timings come from the parent process with glibc's defa
 """
 
 import argparse
-import contextlib
-import copy
 import ctypes
 import fnmatch
 import gc
-import io
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
-import hf
-import kernels
+import workloads
 from checkpoint import CheckpointError
-from runtime import DTYPES, DeviceError, describe_dtype, pick_dtype
+from model import MobileLLM, ModelConfig, ModelError
+from runtime import ArgumentParser, DeviceError, checked, describe_dtype, number, path, pick_dtype
 from tokenizer import TokenizerError
-from model import MobileLLM, ModelConfig, ModelError, adamw
-from runtime import ArgumentParser, checked, number, path
-
-SIDES = ("ours", "reference")
-# (batch, seq) of the training step: 140m as fits a CPU, toy as train.py's toy preset
-TRAIN_SHAPES = {"140m": (2, 256), "toy": (16, 256)}
-PROMPT, NEW_TOKENS = 64, 128  # generation: 128 new tokens after a 64-token prompt
-ATTN_HEADS = (9, 3, 64)  # query heads, kv heads, head_dim of the 140m model (RECIPE section 2)
-ATTN_DOCS = 8  # documents packed in one attention sequence
-CUDA_SIZES = ("140m", "360m", "950m")
-CUDA_SHAPE = (16, 2048)  # per-GPU batch of pre-training (RECIPE section 4)
+from workloads import SIDES
 
 
 # -------------------------------------------------------------------------------------------------
@@ -124,7 +109,7 @@ def memory_child(spec):
     for params in spec["cases"]:
         release_memory()
         before_build = status_mb("VmRSS")
-        fn = BUILDERS[spec["kind"]](sides=(spec["side"],), **params)[spec["side"]]
+        fn = workloads.BUILDERS[spec["kind"]](sides=(spec["side"],), **params)[spec["side"]]
         fn()
         release_memory()
         before_call = status_mb("VmRSS")
@@ -150,96 +135,6 @@ def measure_memory(kind, cases, side, threads):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def row(name, ours, reference, unit):
-    ratio = ours / reference if ours is not None and reference else None
-    return dict(name=name, ours=ours, reference=reference, unit=unit, ratio=ratio)
-
-
-# -------------------------------------------------------------------------------------------------
-# The cases. Each builder returns {side: a call to measure} for the sides asked for; when both are
-# built, they share weights and inputs.
-
-def build_models(size, sides, device="cpu"):
-    """{"ours": ..., "reference": ...} for the sides named (a side "reference bf16" is the reference)."""
-    config = ModelConfig.from_size(size)
-    torch.manual_seed(0)
-    models = {}
-    if any(side.startswith("reference") for side in sides):
-        models["reference"] = hf.reference_model(config).to(device)
-    if any(side.startswith("ours") for side in sides):
-        models["ours"] = MobileLLM(config).to(device)
-        if "reference" in models:  # same weights: HF names are ours with a "model." prefix
-            state = {k.removeprefix("model."): v for k, v in models["reference"].state_dict().items()
-                     if k != "lm_head.weight"}
-            models["ours"].load_state_dict(state, strict=False)  # rope tables are computed, not loaded
-    return config, models
-
-
-def build_train(size, batch, seq, dtypes, sides=None, device="cpu", compile=False):
-    """A training step per side; dtypes {side: "float32" or "bfloat16"}: bfloat16 is autocast with
-    float32 weights and AdamW state (train.py's --dtype bfloat16; HF Trainer's bf16=True)."""
-    sides = sides or tuple(dtypes)
-    config, models = build_models(size, sides, device)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=g).to(device)
-    idx, targets = x[:, :-1], x[:, 1:]
-    fns = {}
-    for side in sides:
-        model = models[side.split()[0]]
-        model.train()
-        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtypes[side] == "bfloat16")
-        if side.startswith("ours"):
-            optimizer = model.configure_optimizer(1e-4, 0.1, device_type=device)
-            forward = torch.compile(model) if compile else model
-            loss_of = lambda fwd=forward: fwd(idx, targets, return_logits=False)[1]
-        else:
-            # HF's Trainer defaults to optim="adamw_torch_fused" with torch >= 2.8 (also on CPU).
-            optimizer = adamw(model, 1e-4, 0.1, device_type=device)  # the same AdamW as ours
-            forward = torch.compile(model) if compile else model
-            # labels are shifted inside (loss on T - 1 positions); no KV cache is kept in training
-            loss_of = lambda fwd=forward: fwd(input_ids=idx, labels=idx, use_cache=False).loss
-
-        def step(model=model, optimizer=optimizer, loss_of=loss_of, autocast=autocast):
-            with autocast:
-                loss = loss_of()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # RECIPE section 4
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        fns[side] = step
-    return fns
-
-
-def build_generate(size, dtypes):
-    """Greedy generation per side, weights in dtypes[side] (as sample.py and HF's torch_dtype load
-    them); returns (fns, bytes read per generated token per side)."""
-    config, models = build_models(size, dtypes)
-    idx = torch.randint(0, config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
-    fns, read = {}, {}
-    for side, dtype in dtypes.items():
-        model = models[side.split()[0]]
-        if DTYPES[dtype] != next(model.parameters()).dtype:
-            model = copy.deepcopy(model).to(DTYPES[dtype])
-        model.eval()
-        if side.startswith("ours"):
-            fns[side] = lambda m=model: m.generate(idx, NEW_TOKENS)
-        else:
-            model.generation_config.eos_token_id = None  # always 128 new tokens, as ours without stop ids
-            model.generation_config.pad_token_id = 0
-            fns[side] = lambda m=model: m.generate(idx, max_new_tokens=NEW_TOKENS, do_sample=False)
-        read[side] = bytes_per_token(model, config, DTYPES[dtype].itemsize)
-    return fns, read
-
-
-def bytes_per_token(model, config, itemsize):
-    """Bytes a decoding step must read: every weight once (the tied embedding as the output head; the
-    input lookup is one row) plus the KV cache at the mean context length of the run."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
-    context = PROMPT + NEW_TOKENS / 2
-    cache = 2 * config.n_layer * config.n_kv_head * config.head_dim * context * itemsize
-    return weights + cache
-
-
 def copy_bandwidth(nbytes=2**28, reps=5):
     """Bytes/s of a large tensor copy (read + write, far beyond the caches): what decoding can hope to
     stream at most on this machine with these threads."""
@@ -253,51 +148,11 @@ def copy_bandwidth(nbytes=2**28, reps=5):
     return 2 * nbytes / statistics.median(times[1:])
 
 
-def build_attention(T, docs, sides=SIDES):
-    """Forward + backward of one attention call at the 140m head shapes, B = 1. docs = 0: causal
-    only; else `docs` equal documents packed in the sequence (the reference gets a dense mask)."""
-    H, KV, D = ATTN_HEADS
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, H, T, D, generator=g, requires_grad=True)
-    k = torch.randn(1, KV, T, D, generator=g, requires_grad=True)
-    v = torch.randn(1, KV, T, D, generator=g, requires_grad=True)
-    dout = torch.randn(1, H, T, D, generator=g)
-    doc_ids = (torch.arange(T) * docs // T)[None] if docs else None
-    # The dense (T, T) mask is built once, outside the measured call: the reference is not charged for it.
-    mask = (doc_ids[0, :, None] == doc_ids[0, None, :]).tril() if docs else None
-
-    def run(attend):
-        attend().backward(dout)
-        q.grad = k.grad = v.grad = None
-    fns = {
-        "ours": lambda: run(lambda: kernels.attention(q, k, v, causal=True, doc_ids=doc_ids, backend="fused")),
-        "reference": lambda: run(lambda: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)),
-    }
-    return {side: fns[side] for side in sides}
+def row(name, ours, reference, unit):
+    ratio = ours / reference if ours is not None and reference else None
+    return dict(name=name, ours=ours, reference=reference, unit=unit, ratio=ratio)
 
 
-def build_loss(batch, seq, recompute=True, sides=SIDES):
-    """Output projection + cross-entropy, forward + backward, at the 140m shapes (d 576, vocab 128,256).
-    recompute: kernels' two modes (recompute chunk logits in the backward, or grads in the forward)."""
-    config = ModelConfig.from_size("140m")
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(batch, seq, config.d_model, generator=g, requires_grad=True)
-    w = (0.02 * torch.randn(config.vocab_size, config.d_model, generator=g)).requires_grad_()
-    targets = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
-
-    def run(loss_of):
-        loss_of().backward()
-        h.grad = w.grad = None
-    fns = {
-        "ours": lambda: run(lambda: kernels.linear_cross_entropy(h, w, targets, recompute=recompute)),
-        # what HF's loss does: full logits, upcast to float32, then cross-entropy
-        "reference": lambda: run(lambda: F.cross_entropy(F.linear(h, w).float().flatten(0, 1), targets.flatten())),
-    }
-    return {side: fns[side] for side in sides}
-
-
-BUILDERS = {"train": build_train, "attention": build_attention, "loss": build_loss}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -321,12 +176,12 @@ def with_bf16_sides(args, dtypes):
 def bench_train(size, args):
     """ours at --dtype (auto: bf16 where the CPU has it) vs the reference in float32; for 140m also
     both in bf16 (the reference under CPU autocast, as HF's Trainer runs bf16=True)."""
-    batch, seq = TRAIN_SHAPES[size]
+    batch, seq = workloads.TRAIN_SHAPES[size]
     name = f"train {size} {batch}x{seq}"
     dtypes = {"ours": args.dtype, "reference": "float32"}
     if size == "140m":
         dtypes = with_bf16_sides(args, dtypes)
-    t = compare(build_train(size, batch, seq, dtypes), name, args)
+    t = compare(workloads.build_train(size, batch, seq, dtypes), name, args)
     yield row(f"{name} step time", t["ours"], t["reference"], "s")
     if "reference bf16" in t:
         yield row(f"{name} step time, both bf16", t.get("ours bf16", t["ours"]), t["reference bf16"], "s")
@@ -340,10 +195,10 @@ def bench_train(size, args):
 def bench_generate(args):
     """ours at --dtype vs the reference in float32, then both in bf16 weights; and how much of the
     machine's memory bandwidth (a copy benchmark, same run) each side's decoding uses."""
-    fns, read = build_generate("140m", with_bf16_sides(args, {"ours": args.dtype, "reference": "float32"}))
+    fns, read = workloads.build_generate("140m", with_bf16_sides(args, {"ours": args.dtype, "reference": "float32"}))
     t = compare(fns, "generate 140m", args)
-    tok_s = {side: NEW_TOKENS / t[side] for side in t}
-    name = f"generate 140m {PROMPT}+{NEW_TOKENS} greedy"
+    tok_s = {side: workloads.NEW_TOKENS / t[side] for side in t}
+    name = f"generate 140m {workloads.PROMPT}+{workloads.NEW_TOKENS} greedy"
     yield row(name, tok_s["ours"], tok_s["reference"], "tok/s")
     yield row(f"{name}, both bf16", tok_s.get("ours bf16", tok_s["ours"]), tok_s["reference bf16"], "tok/s")
     bandwidth = copy_bandwidth()
@@ -353,49 +208,29 @@ def bench_generate(args):
     yield row(f"{name} memory-bandwidth utilisation", use["ours"], use["reference"], "%")
 
 
-EVAL_PROMPTS, EVAL_BATCH, EVAL_NEW = 32, 16, 128  # eval batched: prompts, rows per batch, new tokens
-
-
-def build_eval_batched():
-    """sample.generate_batched on a toy model: `ours` batches EVAL_BATCH prompts, `reference` runs one
-    at a time (the same prompts; the generated tokens are identical, tests/test_sample.py)."""
-    import sample
-    from tokenizer import get_tokenizer
-    torch.manual_seed(0)
-    model, enc = MobileLLM(ModelConfig.from_size("toy")).eval(), get_tokenizer("toy")
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.linspace(8, 200, EVAL_PROMPTS).long()[torch.randperm(EVAL_PROMPTS, generator=g)]
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths.tolist()]
-
-    def run(batch_size):
-        args = argparse.Namespace(batch_size=batch_size, num_samples=1, max_new_tokens=EVAL_NEW,
-                                  temperature=0.0, top_k=None, top_p=None, seed=0)
-        return lambda: sample.generate_batched(model, enc, prompts, args)
-    return {"ours": run(EVAL_BATCH), "reference": run(1)}
-
 
 def bench_eval_batched(args):
-    t = compare(build_eval_batched(), "eval batched", args)
-    yield row(f"eval {EVAL_PROMPTS} mixed-length prompts: batch {EVAL_BATCH} vs one at a time",
-              EVAL_PROMPTS / t["ours"], EVAL_PROMPTS / t["reference"], "problems/s")
+    t = compare(workloads.build_eval_batched(), "eval batched", args)
+    yield row(f"eval {workloads.EVAL_PROMPTS} mixed-length prompts: batch {workloads.EVAL_BATCH} vs one at a time",
+              workloads.EVAL_PROMPTS / t["ours"], workloads.EVAL_PROMPTS / t["reference"], "problems/s")
 
 
 def bench_attention(args):
-    cases = [dict(T=T, docs=docs) for docs in (0, ATTN_DOCS) for T in args.lengths]
+    cases = [dict(T=T, docs=docs) for docs in (0, workloads.ATTN_DOCS) for T in args.lengths]
     mem = {side: measure_memory("attention", cases, side, args.threads) for side in SIDES}
     peaks = {}
     for i, case in enumerate(cases):
-        what = f"doc-masked ({ATTN_DOCS} docs)" if case["docs"] else "causal"
+        what = f"doc-masked ({workloads.ATTN_DOCS} docs)" if case["docs"] else "causal"
         name = f"attention {what} T={case['T']} fwd+bwd"
-        t = compare(build_attention(**case), name, args)
+        t = compare(workloads.build_attention(**case), name, args)
         yield row(f"{name} time", t["ours"], t["reference"], "s")
         yield row(f"{name} peak memory", mem["ours"][i]["peak"], mem["reference"][i]["peak"], "MB")
         peaks[case["docs"], case["T"]] = {side: mem[side][i]["peak"] for side in SIDES}
     # Linear memory shows as growth equal to the length ratio, quadratic as its square.
     lo, hi = min(args.lengths), max(args.lengths)
     if lo != hi:
-        for docs in (0, ATTN_DOCS):
-            what = f"doc-masked ({ATTN_DOCS} docs)" if docs else "causal"
+        for docs in (0, workloads.ATTN_DOCS):
+            what = f"doc-masked ({workloads.ATTN_DOCS} docs)" if docs else "causal"
             growth = {side: peaks[docs, hi][side] / peaks[docs, lo][side] if peaks[docs, lo][side] else None
                       for side in SIDES}
             yield row(f"attention {what} memory growth T={lo}->{hi} (linear: {hi / lo:g}x)",
@@ -411,8 +246,8 @@ def bench_loss(args):
            "reference": measure_memory("loss", shapes, "reference", args.threads)}
     for i, shape in enumerate(shapes):
         # both modes and the naive loss side by side: the naive one is timed once for both rows
-        fns = {mode: build_loss(**shape, recompute=r, sides=("ours",))["ours"] for mode, r in modes.items()}
-        fns["reference"] = build_loss(**shape, sides=("reference",))["reference"]
+        fns = {mode: workloads.build_loss(**shape, recompute=r, sides=("ours",))["ours"] for mode, r in modes.items()}
+        fns["reference"] = workloads.build_loss(**shape, sides=("reference",))["reference"]
         name = f"loss 140m {shape['batch']}x{shape['seq']} fwd+bwd"
         t = compare(fns, name, args)
         for j, mode in enumerate(modes):
@@ -420,47 +255,25 @@ def bench_loss(args):
             yield row(f"{name} ({mode}) peak memory", mem["ours"][len(modes) * i + j]["peak"],
                       mem["reference"][i]["peak"], "MB")
 
-
 def bench_sampler(args):
-    """MixtureSampler over two prepared sources vs nanoGPT's get_batch (uniform random offsets into
-    one memory-mapped shard, no mixture, no document ids), rows of 2048 + 1 tokens."""
-    seq, batch, n_batches = 2048, 8, 40
-    rng = np.random.default_rng(0)
-    words = ["carry", "digit", "sum", "step", "answer", "think", "7", "42", "+", "="]
-    with tempfile.TemporaryDirectory() as tmp:
-        for source in ("a", "b"):
-            path = os.path.join(tmp, f"{source}.jsonl")
-            with open(path, "w") as f:
-                for _ in range(args.sampler_docs):  # documents of 100 to 3,000 words
-                    f.write(json.dumps({"text": " ".join(rng.choice(words, rng.integers(100, 3000)))}) + "\n")
-            with contextlib.redirect_stdout(io.StringIO()):  # keep the table's output clean
-                data.prepare(source, [path], os.path.join(tmp, "data"), tokenizer="toy", workers=1)
-        sampler = data.MixtureSampler(os.path.join(tmp, "data"), "a=0.7,b=0.3", seq, batch)
-        shard = os.path.join(tmp, "data", "a", "shard_00000.bin")
-        tokens = np.memmap(shard, dtype=np.uint32, mode="r", offset=data.HEADER_BYTES)
+    fns = workloads.build_sampler(args.sampler_docs)
+    t = compare(fns, "sampler", args)
+    tokens_per_call = workloads.SAMPLER_BATCHES * workloads.SAMPLER_BATCH * workloads.SAMPLER_SEQ
+    yield row(f"sampler {workloads.SAMPLER_BATCH}x({workloads.SAMPLER_SEQ}+1) rows vs nanoGPT get_batch",
+              tokens_per_call / t["ours"], tokens_per_call / t["reference"], "tok/s")
 
-        def nanogpt_batch():
-            ix = torch.randint(len(tokens) - seq - 1, (batch,))
-            rows = [torch.from_numpy(tokens[i:i + seq + 1].astype(np.int64)) for i in ix.tolist()]
-            return torch.stack([r[:-1] for r in rows]), torch.stack([r[1:] for r in rows])
-        fns = {"ours": lambda: [sampler.next_batch() for _ in range(n_batches)],
-               "reference": lambda: [nanogpt_batch() for _ in range(n_batches)]}
-        t = compare(fns, "sampler", args)
-    tokens_per_call = n_batches * batch * seq
-    yield row(f"sampler {batch}x({seq}+1) rows vs nanoGPT get_batch", tokens_per_call / t["ours"],
-              tokens_per_call / t["reference"], "tok/s")
 
 
 def bench_compile(args):
     """torch.compile on ours at --dtype: the first step (compilation included) and the steady step,
     against eager ours; and the steps after which compiling has paid for itself."""
     for size in ("toy", "140m"):
-        batch, seq = TRAIN_SHAPES[size]
+        batch, seq = workloads.TRAIN_SHAPES[size]
         name = f"compile {size} {batch}x{seq}"
         fns, first = {}, {}
         for side, compiled in (("compiled", True), ("eager", False)):
             torch._dynamo.reset()
-            fns[side] = build_train(size, batch, seq, {"ours": args.dtype}, compile=compiled)["ours"]
+            fns[side] = workloads.build_train(size, batch, seq, {"ours": args.dtype}, compile=compiled)["ours"]
             t0 = time.perf_counter()
             fns[side]()
             first[side] = time.perf_counter() - t0
@@ -475,20 +288,10 @@ def bench_compile(args):
 
 
 def bench_mixing(args):
-    """mixing.py's scoring pass at 140m: per 2,048-token document, the gradient of the measured layer (the
-    default: the tied matrix's output use; forward and backward) and its benefit on one probe, as `mixing.py weights/filter` stream them. Documents/s; there is no
-    reference (the paper's code is unreleased)."""
-    import mixing
-    from runtime import Runtime
-    torch.manual_seed(0)
-    model = MobileLLM(ModelConfig.from_size("140m")).eval().requires_grad_(False)
-    params = list(mixing.DEFAULT_PARAMS)
-    rng = np.random.default_rng(0)
-    docs = [(rng.integers(0, model.config.vocab_size, 2049).astype(np.uint32), None) for _ in range(2)]
-    dirs, rt = [[torch.randn(model.lm_head_weight.numel())]], Runtime("cpu", args.dtype)
-    t = compare({"ours": lambda: mixing.benefits(model, params, dirs, docs, rt, mixing.tqdm(disable=True))},
-                "mixing", args)
-    yield row("mixing score 140m, 2k-token docs", len(docs) / t["ours"], None, "docs/s")
+    """mixing.py's scoring pass at 140m, 2k-token documents: documents/s; there is no reference (the
+    paper's code is unreleased)."""
+    t = compare(workloads.build_mixing("140m", args.dtype), "mixing", args)
+    yield row("mixing score 140m, 2k-token docs", workloads.MIXING_DOCS / t["ours"], None, "docs/s")
 
 
 def bench_cuda(args):
@@ -497,8 +300,8 @@ def bench_cuda(args):
     from runtime import peak_flops
     device = torch.device("cuda")
     peak = peak_flops(device)
-    batch, seq = CUDA_SHAPE
-    for size in CUDA_SIZES:
+    batch, seq = workloads.CUDA_SHAPE
+    for size in workloads.CUDA_SIZES:
         for compile in (False, True):
             name = f"cuda {size} {batch}x{seq} bf16{' compile' if compile else ''}"
             tok_s, mem = {}, {}
@@ -507,7 +310,7 @@ def bench_cuda(args):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    fns = build_train(size, batch, seq, {side: "bfloat16"}, device="cuda", compile=compile)
+                    fns = workloads.build_train(size, batch, seq, {side: "bfloat16"}, device="cuda", compile=compile)
                     t = time_sides(fns, args.warmup + 1, args.reps, sync=torch.cuda.synchronize)
                     tok_s[side], mem[side] = batch * seq / t[side], torch.cuda.max_memory_allocated() / 2**20
                 except torch.cuda.OutOfMemoryError:
@@ -626,7 +429,7 @@ def parse_args(argv):
     args.lengths = [int(n) for n in lengths.split(",")]
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its folder does not exist; create it or pick another path")
-    args.loss_shapes = [TRAIN_SHAPES["140m"]] + ([] if args.quick else [(2, 1024)])
+    args.loss_shapes = [workloads.TRAIN_SHAPES["140m"]] + ([] if args.quick else [(2, 1024)])
     args.sampler_docs = 100 if args.quick else 400
     return args
 

@@ -1,4 +1,4 @@
-"""bench.py runs and writes the rows it documents. No timing assertions: timings depend on the machine."""
+"""bench.py (with the workloads of workloads.py) runs and writes the rows it documents. No timing assertions: timings depend on the machine."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+import workloads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"name", "ours", "reference", "unit", "ratio"}
@@ -67,7 +68,7 @@ def test_train_and_generate_rows_carry_the_goal_names(monkeypatch):
                        max_seq_len=512)
     monkeypatch.setattr(bench.ModelConfig, "from_size", staticmethod(lambda size: tiny))
     monkeypatch.setattr(bench, "measure_memory", lambda kind, cases, side, threads: [{"peak": 2.0, "total": 4.0}])
-    monkeypatch.setattr(bench, "NEW_TOKENS", 3)
+    monkeypatch.setattr(workloads, "NEW_TOKENS", 3)
     monkeypatch.setattr(bench, "copy_bandwidth", lambda: 1e9)
     seen = []
     real_autocast = torch.autocast
@@ -75,7 +76,7 @@ def test_train_and_generate_rows_carry_the_goal_names(monkeypatch):
     args = argparse.Namespace(dtype="float32", profile=False, warmup=0, reps=1, threads=1)
     rows = list(bench.bench_train("140m", args)) + list(bench.bench_generate(args))
     names = [r["name"] for r in rows]
-    b, t = bench.TRAIN_SHAPES["140m"]
+    b, t = workloads.TRAIN_SHAPES["140m"]
     assert names == [f"train 140m {b}x{t} step time", f"train 140m {b}x{t} step time, both bf16",
                      f"train 140m {b}x{t} peak memory (step)", f"train 140m {b}x{t} peak memory (total)",
                      "generate 140m 64+3 greedy", "generate 140m 64+3 greedy, both bf16",
@@ -83,9 +84,9 @@ def test_train_and_generate_rows_carry_the_goal_names(monkeypatch):
     assert seen.count(True) >= 2 and False in seen  # the bf16 sides ran under autocast, the float32 ones not
     gen, bw, use = rows[4], rows[6], rows[7]
     weights = sum(p.numel() for p in bench.MobileLLM(tiny).parameters()) * 4  # float32 ours, tied once
-    assert weights < bench.bytes_per_token(bench.MobileLLM(tiny), tiny, 4) < 1.5 * weights
+    assert weights < workloads.bytes_per_token(bench.MobileLLM(tiny), tiny, 4) < 1.5 * weights
     assert bw["ours"] == 1.0 and bw["reference"] is None
-    assert use["ours"] == pytest.approx(100 * bench.bytes_per_token(bench.MobileLLM(tiny), tiny, 4) * gen["ours"] / 1e9)
+    assert use["ours"] == pytest.approx(100 * workloads.bytes_per_token(bench.MobileLLM(tiny), tiny, 4) * gen["ours"] / 1e9)
 
 
 def test_cuda_section_logic_on_cpu(monkeypatch):
@@ -102,11 +103,11 @@ def test_cuda_section_logic_on_cpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, stub)
     monkeypatch.setattr(runtime, "peak_flops", lambda device: 1e9)
     monkeypatch.setattr(torch, "compile", lambda model: model)
-    monkeypatch.setattr(bench, "CUDA_SIZES", ("140m",))
-    monkeypatch.setattr(bench, "CUDA_SHAPE", (2, 32))
-    build = bench.build_train
+    monkeypatch.setattr(workloads, "CUDA_SIZES", ("140m",))
+    monkeypatch.setattr(workloads, "CUDA_SHAPE", (2, 32))
+    build = workloads.build_train
     devices = []
-    monkeypatch.setattr(bench, "build_train", lambda *a, device, **k: devices.append(device) or build(*a, device="cpu", **k))
+    monkeypatch.setattr(workloads, "build_train", lambda *a, device, **k: devices.append(device) or build(*a, device="cpu", **k))
     rows = list(bench.bench_cuda(argparse.Namespace(warmup=0, reps=1)))
     assert [r["name"] for r in rows] == [f"cuda 140m 2x32 bf16{c} {m}" for c in ("", " compile")
                                          for m in ("tokens/s", "MFU", "peak memory")]
