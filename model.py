@@ -20,6 +20,7 @@ tokenizer_config.json with the chat template), for transformers, llama.cpp's con
 """
 
 import math
+import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -95,11 +96,36 @@ def rms_norm(x, eps):
 
 
 def linear(x, weight):
-    """x @ weight.T. One bf16 row (decoding a token) goes through torch.mv: on the 2-core CPU 1.5-1.7x the
-    bytes/s of the matmul kernel at these shapes (which reads bf16 no faster than float32)."""
-    if x.dtype == weight.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
+    """x @ weight.T. One bf16 row (decoding a token) goes through torch.mv where that kernel is the faster
+    one on this CPU (mv_is_faster): 1.5-1.7x the bytes/s of the matmul kernel on one 2-core machine, half
+    of it on another (an AMD EPYC with AVX512-BF16), so it is measured, not assumed."""
+    if x.dtype == weight.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and not torch.is_grad_enabled() \
+            and mv_is_faster(x.device):
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
+
+
+_MV_FASTER = {}  # device type -> bool, measured once per process
+
+
+def mv_is_faster(device):
+    """Whether torch.mv beats F.linear for one bf16 row here: timed once (a few ms) on a 2048 x 576 weight,
+    the 140m model's MLP shape; only ever True on a CPU."""
+    if device.type != "cpu":
+        return False
+    if device.type not in _MV_FASTER:
+        w, x = torch.randn(2048, 576, dtype=torch.bfloat16), torch.randn(1, 576, dtype=torch.bfloat16)
+
+        def best(fn, reps=20):
+            fn()
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+        _MV_FASTER[device.type] = best(lambda: torch.mv(w, x[0])) < best(lambda: F.linear(x, w))
+    return _MV_FASTER[device.type]
 
 
 class RMSNorm(nn.Module):

@@ -471,15 +471,29 @@ def test_llama_3_1_8b_instruct_config_is_the_teacher(tmp_path):
     assert teacher.num_params() == 8_030_261_248
 
 
-def test_single_bf16_row_linear_matches_the_matmul():
-    """Decoding one token with bf16 weights goes through torch.mv (model.linear): the same values."""
+@pytest.mark.parametrize("mv", [True, False])
+def test_single_bf16_row_linear_matches_the_matmul(monkeypatch, mv):
+    """Decoding one token with bf16 weights goes through torch.mv where it was measured faster (model.linear),
+    else the matmul: the same values either way."""
+    monkeypatch.setitem(model_module._MV_FASTER, "cpu", mv)
+    calls = []
+    real_mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *a: calls.append(1) or real_mv(*a))
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(300, 64, generator=g).bfloat16(), torch.randn(1, 1, 64, generator=g).bfloat16()
     with torch.no_grad():
         out = model_module.linear(x, w)
-        assert out.shape == (1, 1, 300) and out.dtype == torch.bfloat16
+        assert out.shape == (1, 1, 300) and out.dtype == torch.bfloat16 and len(calls) == mv
         torch.testing.assert_close(out.float(), torch.nn.functional.linear(x, w).float(), atol=0.05, rtol=0.02)
         rows = torch.randn(3, 64, generator=g).bfloat16()  # several rows: the matmul itself
         assert torch.equal(model_module.linear(rows, w), torch.nn.functional.linear(rows, w))
     xg = x.float().requires_grad_()  # with gradients: always the matmul (autograd, autocast)
     assert torch.equal(model_module.linear(xg, w.float()), torch.nn.functional.linear(xg, w.float()))
+    assert len(calls) == mv
+
+
+def test_mv_choice_is_measured_once_per_device():
+    model_module._MV_FASTER.pop("cpu", None)
+    first = model_module.mv_is_faster(torch.device("cpu"))
+    assert model_module._MV_FASTER == {"cpu": first} and model_module.mv_is_faster(torch.device("cpu")) is first
+    assert model_module.mv_is_faster(torch.device("meta")) is False
