@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small enough to form the damped Hessian of the tied embedding exactly: 272 x 8 = 2,176 parameters.
 TINY = ModelConfig(vocab_size=272, n_layer=1, d_model=8, n_head=2, n_kv_head=1, head_dim=4, ffn_dim=16,
                    max_seq_len=512, rope_theta=1e4)
-# Big enough to learn the drill facts in seconds, so right and wrong answers differ to it.
+# Big enough to learn the tables in seconds (lr 3e-3, 900 steps), so right and wrong answers differ to it.
 SMALL = ModelConfig(vocab_size=272, n_layer=2, d_model=48, n_head=4, n_kv_head=2, head_dim=12, ffn_dim=128,
                     max_seq_len=512, rope_theta=1e4)
 
@@ -63,10 +63,10 @@ def corpus(tmp_path_factory):
     prepare(root, "prose", toydata.off_task(rng, 100))
     prepare(root, "probe", tables())
     prepare(root, "probe-wrong", [wrong(d) for d in tables()])
-    for config, run, steps in ((TINY, "run", 300), (SMALL, "run-small", 600)):
+    for config, run, steps, lr in ((TINY, "run", 300, 1e-2), (SMALL, "run-small", 900, 3e-3)):
         torch.manual_seed(0)
         model = MobileLLM(config)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
         sampler = data.MixtureSampler(str(root), "good=1", 64, 16)
         (root / run).mkdir()
         for step in range(1, steps + 1):
@@ -88,34 +88,53 @@ def gradients(model, params, docs, rt):
     return torch.stack([torch.cat(mixing.doc_gradient(model, params, *docs[i], rt)[0]) for i in range(len(docs))])
 
 
-@pytest.mark.parametrize("n_hessian,damping", [(1, mixing.DAMPING), (24, mixing.DAMPING), (24, "0.5 d")])
-def test_datainf_matches_exact_damped_inverse(corpus, n_hessian, damping):
-    """The closed form against v^T (G^T G / n + lambda I)^-1 g_k formed exactly, lambda = damping mean ||g||^2 / d
-    (DataInf's rule; its default damping 0.1). One Hessian sample: equal at the default (Sherman-Morrison is
-    exact). Many: the closed form swaps the inverse and the mean over samples, accurate when lambda is not
-    negligible next to ||g||^2: at lambda = 0.5 mean ||g||^2 the rank correlation is >= 0.9 (measured 0.99);
-    at the default (lambda = 0.1 / d of it, d = 2,176) only ~0.6 on these 60 documents, asserted as
-    better than chance so that a broken closed form still fails."""
+def exact_benefit(model, params, probe, hessian, scored, rt, lam_of):
+    """v^T (G^T G / n + lambda I)^-1 g_k, exact: by Woodbury, (1/lambda)(v - G^T (n lambda I + G G^T)^-1 G v),
+    an n x n solve (the d x d matrix of SMALL would be 1.4 GB); checked against the d x d solve on TINY."""
+    G = gradients(model, params, hessian, rt).double()
+    v = gradients(model, params, probe, rt).double().mean(0)
+    lam, n = lam_of(G), len(G)
+    hv = (v - G.T @ torch.linalg.solve(n * lam * torch.eye(n, dtype=torch.float64) + G @ G.T, G @ v)) / lam
+    if G.shape[1] <= 4096:
+        H = G.T @ G / n + lam * torch.eye(G.shape[1], dtype=torch.float64)
+        torch.testing.assert_close(hv, torch.linalg.solve(H, v), rtol=1e-6, atol=1e-9 * hv.abs().max())
+    return (gradients(model, params, scored, rt).double() @ hv).numpy()
+
+
+@pytest.mark.parametrize("per_dim", [False, True])
+def test_one_hessian_sample_is_exact(corpus, per_dim):
+    """One Hessian sample: the closed form IS the exact damped inverse (Sherman-Morrison), at either damping rule
+    (the default, lambda = DAMPING mean ||g||^2, and DataInf's, lambda = 0.1 mean ||g||^2 / d)."""
     rt = Runtime("cpu")
     good, bad = data.Source(str(corpus / "good")), data.Source(str(corpus / "bad"))
     model, params = mixing.load_scorer(corpus / "run" / "ckpt_0000300.pt", [good], rt, mixing.DEFAULT_PARAMS)
-    damping = 0.5 * model.embed_tokens.weight.numel() if damping == "0.5 d" else damping
+    damping = mixing.DATAINF_DAMPING if per_dim else mixing.DAMPING
     probe = mixing.DocSet([(data.Source(str(corpus / "probe")), np.arange(8))])
-    hessian = mixing.DocSet([(good, np.arange(n_hessian))])
-    scored = mixing.DocSet([(good, np.arange(100, 130)), (bad, np.arange(30))])
-    dirs = mixing.directions(model, params, [probe], hessian, rt, no_bar(), damping)
+    hessian, scored = mixing.DocSet([(good, np.arange(1))]), mixing.DocSet([(good, np.arange(100, 110)), (bad, np.arange(10))])
+    dirs = mixing.directions(model, params, [probe], hessian, rt, no_bar(), damping, per_dim)
     fast, _ = mixing.benefits(model, params, dirs, scored, rt, no_bar())
-    G = gradients(model, params, hessian, rt).double()
-    v = gradients(model, params, probe, rt).double().mean(0)
-    lam = damping * G.square().sum(1).mean() / G.shape[1]
-    H = G.T @ G / len(G) + lam * torch.eye(G.shape[1], dtype=torch.float64)
-    exact = (gradients(model, params, scored, rt).double() @ torch.linalg.solve(H, v)).numpy()
+    exact = exact_benefit(model, params, probe, hessian, scored, rt,
+                          lambda G: damping * G.square().sum(1).mean() / (G.shape[1] if per_dim else 1))
+    np.testing.assert_allclose(fast[:, 0], exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("run,step", [("run", 100), ("run", 200), ("run", 300), ("run-small", 900)])
+def test_datainf_matches_exact_damped_inverse(corpus, run, step):
+    """Many Hessian samples (correct tables, wrong ones, prose): the closed form swaps the inverse and the mean over
+    samples. At the default damping it ranks 70 documents as the exact damped inverse does (rank correlation >= 0.9;
+    measured 0.95-1.0 over these checkpoints and others of other seeds, RECIPE section 7.1), on both models;
+    DataInf's own rule (lambda d_l times smaller) measured 0.32-0.90 on the same."""
+    rt = Runtime("cpu")
+    good, bad, prose = (data.Source(str(corpus / n)) for n in ("good", "bad", "prose"))
+    model, params = mixing.load_scorer(corpus / run / f"ckpt_{step:07d}.pt", [good], rt, mixing.DEFAULT_PARAMS)
+    probe = mixing.DocSet([(data.Source(str(corpus / "probe")), np.arange(8))])
+    hessian = mixing.DocSet([(good, np.arange(30, 62)), (bad, np.arange(16)), (prose, np.arange(16))])
+    scored = mixing.DocSet([(good, np.arange(100, 130)), (bad, np.arange(30)), (prose, np.arange(20, 30))])
+    dirs = mixing.directions(model, params, [probe], hessian, rt, no_bar())
+    fast, _ = mixing.benefits(model, params, dirs, scored, rt, no_bar())
+    exact = exact_benefit(model, params, probe, hessian, scored, rt, lambda G: mixing.DAMPING * G.square().sum(1).mean())
     rank = lambda a: np.argsort(np.argsort(a))  # noqa: E731
-    correlation = np.corrcoef(rank(fast[:, 0]), rank(exact))[0, 1]
-    if n_hessian == 1:
-        np.testing.assert_allclose(fast[:, 0], exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
-    else:
-        assert correlation >= (0.4 if damping == mixing.DAMPING else 0.9)
+    assert np.corrcoef(rank(fast[:, 0]), rank(exact))[0, 1] >= 0.9
 
 
 def sign_scores(corpus):
@@ -125,29 +144,28 @@ def sign_scores(corpus):
     docs = mixing.DocSet([(probe_src, np.arange(20)), (wrong_src, np.arange(20))])
     hessian = mixing.DocSet([(data.Source(str(corpus / "good")), np.arange(64))])
     ckpts = mixing.checkpoint_files([str(corpus / "run-small")])
-    assert [s for _, s in ckpts] == [200, 400, 600]
+    assert [s for _, s in ckpts] == [300, 600, 900]
     per_ckpt = [mixing.joint_benefit([c], [probe_src], [probe], docs, hessian, rt) for c in ckpts]
     joint, tokens = mixing.joint_benefit(ckpts, [probe_src], [probe], docs, hessian, rt)
     # alpha_t proportional to t: the joint score is the step-weighted mean of the per-checkpoint ones
     np.testing.assert_allclose(joint, sum(t * s for t, (s, _) in zip((1, 2, 3), per_ckpt)) / 6, rtol=1e-5)
     rho = lambda sl: (joint[sl, 0] * tokens[sl]).sum() / tokens[sl].sum()  # noqa: E731
-    return rho(slice(0, 20)), rho(slice(20, 40)), [(s[:20, 0] * tokens[:20]).sum() for s, _ in per_ckpt]
+    return rho(slice(0, 20)), rho(slice(20, 40)), [((s[:20, 0] * t[:20]).sum(), (s[20:, 0] * t[20:]).sum())
+                                                    for s, t in per_ckpt]
 
 
 def test_sample_equal_to_the_probe_data_scores_positive(corpus):
     right, _, per_ckpt = sign_scores(corpus)
-    assert right > 0 and all(s > 0 for s in per_ckpt)
+    assert right > 0 and all(s[0] > 0 for s in per_ckpt)
 
 
-# Not strict: the score sits near 0 and its sign follows the float summation order (the attention
-# backend of short packed rows moved it across 0).
-@pytest.mark.xfail(strict=False, reason="measured: the wrong tables score about as positive as the right ones at every "
-                   "checkpoint with the output use of the tied matrix or its whole gradient (with the loss on the results "
-                   "only, negative at 2 of 5 checkpoints): the tokens and layout a sample shares with the probe "
-                   "outweigh the answers' opposed terms (DataInf at its damping is close to a plain dot product)")
 def test_same_sample_with_wrong_answers_scores_negative(corpus):
-    _, wrong_answers, _ = sign_scores(corpus)
-    assert wrong_answers < 0
+    """On a model that has learned the tables' layout (the loss of their other tokens ~0.07), the probe's gradient
+    is mostly in its answers, and a probe document with every result wrong scores negative: at the trained
+    checkpoint and jointly. (At 600 steps of lr 1e-2 the layout was still unlearned (loss ~0.6 on it) and the
+    shared layout made the wrong tables score above the right ones; measured in RECIPE section 7.1.)"""
+    _, wrong_answers, per_ckpt = sign_scores(corpus)
+    assert wrong_answers < 0 and per_ckpt[-1][1] < 0
 
 
 def run_cli(*argv, env=None):
@@ -215,7 +233,8 @@ def test_leave_one_out_of_a_duplicate_is_near_zero(corpus, tmp_path):
     docs = toydata.facts(random.Random(7), 300)
     prepare(tmp_path, "a", docs)
     prepare(tmp_path, "a-copy", docs)
-    r = run_cli("loo", "--data", tmp_path, "--sources", "a,a-copy", "--probe", f"facts={corpus}/probe", "--steps", 40,
+    prepare(tmp_path, "held-out", toydata.facts(random.Random(8), 40))  # the sources' own skill, not trained on
+    r = run_cli("loo", "--data", tmp_path, "--sources", "a,a-copy", "--probe", f"facts={tmp_path}/held-out", "--steps", 40,
                 "--points", 2, "--batch-size", 4, "--seq-len", 64, "--lr", 3e-3, "--out", tmp_path / "loo")
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "loo" / "loo.json").read_text())
