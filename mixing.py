@@ -225,7 +225,8 @@ def directions(model, params, probes, hessian, rt, bar, damping=DAMPING, per_dim
         for c in range(P):
             for l, gl in enumerate(g):
                 acc[c][l].add_(gl, alpha=coef[i, c, l].item())
-    [rt.all_sum(a) for per_probe in acc for a in per_probe]  # in place
+    for a in (a for per_probe in acc for a in per_probe):
+        rt.all_sum(a)  # in place
     return [[(v[c][l].double() / lam[l] - acc[c][l] / (n_valid * lam[l])).float() for l in range(L)]
             for c in range(P)]
 
