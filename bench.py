@@ -54,7 +54,8 @@ import data
 import workloads
 from checkpoint import CheckpointError
 from model import MobileLLM, ModelConfig, ModelError
-from runtime import ArgumentParser, DeviceError, checked, describe_dtype, number, path, pick_dtype
+from runtime import ArgumentParser, DeviceError, checked, describe_dtype, keep_freed_memory, number, path, \
+    pick_dtype
 from tokenizer import TokenizerError
 from workloads import SIDES
 
@@ -105,6 +106,7 @@ def memory_child(spec):
     """Runs in the child process (see the module docstring): peak and total MB of each case."""
     if spec["side"] == "reference":
         import transformers  # noqa: F401  (imported before the baseline: its modules are not the model's)
+    keep_freed_memory()  # as train.py does on a CPU
     results = []
     for params in spec["cases"]:
         release_memory()
@@ -448,6 +450,7 @@ def main(argv=None):
             print(f"error: --only {args.only!r} matches no section; sections: "
                   f"{', '.join(name for name, _ in sections(args))}", file=sys.stderr)
             sys.exit(2)
+    keep_freed_memory()  # as train.py and sample.py do on a CPU; both sides share this process
     dtype, why = pick_dtype(args.dtype, torch.device("cpu"))
     args.dtype = str(dtype).removeprefix("torch.")
     print(describe_dtype(dtype, why) + " (ours, CPU rows)")

@@ -12,8 +12,10 @@ script's flags share. train.py, sample.py, data.py, bench.py, model.py and mixin
 """
 
 import argparse
+import ctypes
 import math
 import os
+import platform
 import random
 import re
 from contextlib import nullcontext
@@ -115,6 +117,8 @@ class Runtime:
             # (and any other float32 matmul) use TF32 tensor cores.
             torch.set_float32_matmul_precision("high")
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.dtype, self.dtype_reason = pick_dtype(dtype, self.device)
         if self.ddp and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
@@ -157,6 +161,23 @@ class Runtime:
         np.random.set_state((numpy[0], np.array(numpy[1], dtype=np.uint32), *numpy[2:]))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
+
+
+def keep_freed_memory():
+    """Let the C allocator keep the memory a CPU training step frees for the next step. glibc maps each
+    block above its mmap threshold afresh and hands it back on free, so every step faults its
+    activations in again page by page: at the toy shapes on a 2-core CPU, ~21,000 page faults and 50-80
+    ms of system time per ~250 ms step; with this, none, and the step takes ~15% less time (the peak
+    resident memory does not grow: the same blocks are reused). Blocks up to 32 MiB (glibc's limit)
+    come from the heap and up to 1 GiB of freed heap is kept. Linux with glibc only; True if applied."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 # Peak dense bf16 FLOP/s per device, for MFU. First matching substring of the device name wins;

@@ -42,7 +42,7 @@ from tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerError, get_tokenizer, rend
 from model import MobileLLM, ModelError, latest_checkpoint, left_pad, load_model
 from checkpoint import CheckpointError
 from runtime import ArgumentParser, DeviceError, describe_dtype, device_name, name_or_path, number, path, \
-    pick_device, pick_dtype
+    keep_freed_memory, pick_device, pick_dtype
 
 DEFAULT_CKPT = "out/toy"  # where `python train.py` saves the toy run
 DEFAULT_EVAL = "data/toy/eval.jsonl"  # held-out problems written by `python data.py toy`
@@ -455,6 +455,8 @@ def main(argv=None):
         args = parse_args(argv)
         color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # https://no-color.org
         device = pick_device(args.device)
+        if device.type == "cpu":
+            keep_freed_memory()
         model, enc = load(args, device)
         if args.prompt is not None:
             run_prompt(model, enc, args, color)
