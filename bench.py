@@ -106,7 +106,6 @@ def memory_child(spec):
     """Runs in the child process (see the module docstring): peak and total MB of each case."""
     if spec["side"] == "reference":
         import transformers  # noqa: F401  (imported before the baseline: its modules are not the model's)
-    keep_freed_memory()  # as train.py does on a CPU
     results = []
     for params in spec["cases"]:
         release_memory()
