@@ -72,8 +72,8 @@ import resource, sys, torch
 import runtime
 if sys.argv[1] == "keep":
     assert runtime.keep_freed_memory()
-def step():  # what a training step does to memory: ~160 MB of activations, written, then freed
-    blocks = [torch.ones(1 << 20) for _ in range(40)]
+def step():  # what a training step does to memory: activations, a vocabulary-sized gradient, freed
+    blocks = [torch.ones(1 << 20) for _ in range(40)] + [torch.ones(1 << 24) for _ in range(3)]  # 4, 64 MB
     del blocks
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -85,7 +85,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_freed_step_memory_is_reused_not_faulted_in_again():
     # By default glibc hands a freed step's blocks back to the OS, and the next step faults every page in
-    # again (~1,000 per 4 MB block); with keep_freed_memory the second step reuses them.
+    # again (~1,000 per 4 MB); with keep_freed_memory the second step reuses them.
     def faults(mode):
         out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True,
                              cwd=ROOT, check=True)
