@@ -77,17 +77,19 @@ def step():  # what a training step does to memory: activations, a vocabulary-si
     del blocks
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-step()
+for _ in range(10):
+    step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_freed_step_memory_is_reused_not_faulted_in_again():
-    # A step touches ~90,000 pages (4 KB). By default glibc hands them back to the OS and the next step
-    # faults every one in again; with keep_freed_memory the second step reuses them.
+    # A step touches ~90,000 pages (4 KB). By default glibc hands them back to the OS and each of the ten
+    # steps faults every one in again (~900,000). With keep_freed_memory the steps reuse them; the heap may
+    # still grow once or twice while it settles (a 64 MB block that does not fit the holes: 16,384 pages).
     def faults(mode):
         out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True,
                              cwd=ROOT, check=True)
         return int(out.stdout.split()[-1])
-    assert faults("keep") < 5_000, "the second step faulted its memory in again"
+    assert faults("keep") < 90_000, "ten steps faulted in more pages than one step touches"
