@@ -21,7 +21,7 @@ class CheckpointError(Exception):
 
 # Flags that may differ when resuming: they change how the run executes, not what it computes.
 RESUMABLE = {"resume", "out_dir", "device", "dtype", "compile", "activation_checkpointing", "batch_size", "force",
-             "log_every", "eval_every", "eval_batches", "save_every", "keep_last", "init_from"}
+             "parallel_micro", "log_every", "eval_every", "eval_batches", "save_every", "keep_last", "init_from"}
 
 
 def checkpoints(run_dir):

@@ -308,17 +308,19 @@ def write_jsonl(path, records):
 # Each stage dict is exactly a set of command-line flags (printed in the log, so it can be re-run).
 TOY_RUN = {
     "data": "data/toy", "out_dir": "out/toy", "eval_problems": 400, "max_new_tokens": 400,
+    # Each step is two micro-batches, which train.py computes at once on a CPU (--parallel-micro 2).
+    "parallel_micro": 2,
     # ~4.5M tokens of worked problems (about one epoch of toy-traces), then ~1,800 conversations.
-    # The eval loss: the 400 held-out problems, worked (toy-heldout, ~174 rows: 11 batches of 16).
-    "pretrain": dict(size="toy", stage="pretrain", mixture="toy", max_steps=1100, batch_size=16,
+    # The eval loss: the 400 held-out problems, worked (toy-heldout, ~174 rows: 22 batches of 8).
+    "pretrain": dict(size="toy", stage="pretrain", mixture="toy", max_steps=1100, batch_size=8,
                      seq_len=256, total_batch_tokens=16 * 256, lr=3e-3, warmup_steps=50,
-                     eval_every=500, log_every=50, save_every=500, eval_mixture="toy-heldout=1", eval_batches=11),
+                     eval_every=500, log_every=50, save_every=500, eval_mixture="toy-heldout=1", eval_batches=22),
     # SFT rows pack whole conversations (up to ~300 tokens each) into 512 tokens. The eval loss: the
     # assistant tokens of the held-out problems as conversations (toy-heldout-sft, ~200 rows).
     # beta2 0.95 as in pre-training (the recipe's SFT default is 0.999): the toy SFT was tuned with it.
-    "sft": dict(stage="sft", mixture="toy-sft=1", max_steps=100, batch_size=8, seq_len=512,
+    "sft": dict(stage="sft", mixture="toy-sft=1", max_steps=100, batch_size=4, seq_len=512,
                 total_batch_tokens=8 * 512, lr=1e-3, warmup_steps=10, beta2=0.95, eval_every=100,
-                log_every=20, save_every=100, eval_mixture="toy-heldout-sft=1", eval_batches=25),
+                log_every=20, save_every=100, eval_mixture="toy-heldout-sft=1", eval_batches=50),
 }
 
 

@@ -38,6 +38,7 @@ import re
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -157,6 +158,9 @@ def parse_args(argv):
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="bfloat16: autocast, float32 weights and AdamW; auto: bf16 on CUDA and CPUs with AMX/AVX512-BF16")
     g("--compile", action="store_true", help="torch.compile the model")
+    g("--parallel-micro", type=count, default=1,
+      help="CPU: micro-batches computed at once, each in a thread with its share of the cores (small models, "
+           "where intra-op threads scale poorly: the toy run uses 2); the same gradients as one after another")
     g("--activation-checkpointing", action="store_true", help="recompute each block in backward to save memory")
     g("--force", action="store_true", help="start even when the memory estimate exceeds what the device has")
     args = p.parse_args(argv)
@@ -348,6 +352,9 @@ def setup_run(args, rt):
         raise TrainError(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of --batch-size "
                          f"{args.batch_size} x --seq-len {args.seq_len} x {rt.world_size} processes: "
                          "pick values that divide it")
+    if args.parallel_micro > 1 and (rt.device.type != "cpu" or rt.ddp or args.compile):
+        raise TrainError("--parallel-micro is for one eager CPU process (no CUDA/MPS, torchrun or --compile): "
+                         "drop it, or use --batch-size to fill the device")
     sampler = data.MixtureSampler(args.data, args.mixture, args.seq_len, args.batch_size, rank=rt.rank,
                                   world_size=rt.world_size, seed=args.seed, renormalize=args.renormalize,
                                   epochs=args.epochs if args.max_steps is None else None, sft_loss=args.sft_loss)
@@ -407,12 +414,18 @@ def setup_run(args, rt):
         runner = DDP(runner, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     log = Logger(rt, out_dir)
     log_header(log, args, rt, model, teacher, accum, step)
+    pool, workers = None, min(args.parallel_micro, accum, torch.get_num_threads())
+    if workers > 1:  # each thread's ops run on its own share of the intra-op threads
+        intra = torch.get_num_threads() // workers
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="micro", initializer=torch.set_num_threads,
+                                  initargs=(intra,))
+        log(f"micro-batches: {workers} at a time, {intra} intra-op thread{'s' if intra > 1 else ''} each")
     if sampler.epoch_rows:  # --epochs: the packed rows that serve every source E times, and the steps they take
         log(f"--epochs {args.epochs:g}: {sum(sampler.epoch_rows):,} rows in {args.max_steps:,} steps; rows per source: "
             + ", ".join(f"{name} {rows:,}" for name, rows in zip(sampler.names, sampler.epoch_rows)))
     return SimpleNamespace(sampler=sampler, eval_sampler=eval_sampler, eval_start=eval_sampler.state_dict(),
                            model=model, teacher=teacher, optimizer=optimizer, runner=runner, accum=accum,
-                           step=step, log=log, out_dir=out_dir)
+                           pool=pool, step=step, log=log, out_dir=out_dir)
 
 
 def train_step(run, args, rt, lr):
@@ -425,15 +438,18 @@ def train_step(run, args, rt, lr):
     n_sup = rt.all_sum(torch.tensor(float(sum((b[1] != -100).sum() for b in batches)), device=rt.device))
     n_sup = n_sup.clamp(min=1)
     scale = rt.world_size / n_sup  # DDP averages gradients over ranks: undo it
-    sums = torch.zeros(3, device=rt.device)  # loss, ce, kd
-    for i, batch in enumerate(batches):
-        x, y, doc_ids = to_device(batch, rt.device)
-        sync = not rt.ddp or i == run.accum - 1  # reduce gradients once per step, not per micro-step
-        with nullcontext() if sync else run.runner.no_sync():
-            with rt.autocast():
-                loss, ce, kd = micro_step_loss(run.runner, x, y, doc_ids, run.teacher is not None)
-            (loss * scale).backward()
-        sums += torch.stack([loss.detach().float(), ce.float(), kd.float()])
+    if run.pool is not None:
+        sums = parallel_micro_steps(run, rt, batches, scale)
+    else:
+        sums = torch.zeros(3, device=rt.device)  # loss, ce, kd
+        for i, batch in enumerate(batches):
+            x, y, doc_ids = to_device(batch, rt.device)
+            sync = not rt.ddp or i == run.accum - 1  # reduce gradients once per step, not per micro-step
+            with nullcontext() if sync else run.runner.no_sync():
+                with rt.autocast():
+                    loss, ce, kd = micro_step_loss(run.runner, x, y, doc_ids, run.teacher is not None)
+                (loss * scale).backward()
+            sums += torch.stack([loss.detach().float(), ce.float(), kd.float()])
     loss, ce, kd = (rt.all_sum(sums) / n_sup).tolist()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), GRAD_CLIP).item()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -444,6 +460,28 @@ def train_step(run, args, rt, lr):
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     return loss, ce, kd, int(n_sup.item()), grad_norm
+
+
+def parallel_micro_steps(run, rt, batches, scale):
+    """--parallel-micro: the micro-batches' forward and backward in run.pool's threads at once (autograd
+    runs a CPU backward in the thread that calls it, and autocast is per thread). Each returns its own
+    gradients, summed here in micro-batch order, as .backward() one after another would accumulate them."""
+    params = [p for p in run.model.parameters() if p.requires_grad]
+
+    def micro(batch):
+        x, y, doc_ids = to_device(batch, rt.device)
+        with rt.autocast():
+            loss, ce, kd = micro_step_loss(run.runner, x, y, doc_ids, run.teacher is not None)
+        grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
+        return grads, torch.stack([loss.detach().float(), ce.float(), kd.float()])
+
+    sums = torch.zeros(3, device=rt.device)  # loss, ce, kd
+    for grads, micro_sums in run.pool.map(micro, batches):
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        sums += micro_sums
+    return sums
 
 
 def log_step(run, args, rt, metrics, lr, dt, eta):
@@ -503,6 +541,8 @@ def train(args, rt):
             break
     bar.close()
     run.log.bar = None
+    if run.pool is not None:
+        run.pool.shutdown()
     return dict(record, stopped=run.step < args.max_steps)
 
 
@@ -520,8 +560,10 @@ def run_toy(rt):
         toydata.write_toy(str(data_dir))  # `python data.py toy`; does nothing when the corpus is there
     if rt.ddp:
         dist.barrier()
-    stages = [("pretrain", dict(out_dir=out / "pretrain")),
-              ("sft", dict(out_dir=out, init_from=out / "pretrain"))]
+    # On a CPU the two micro-batches of each step run at once, a core each (the same numbers, ~17% faster)
+    cpu = dict(parallel_micro=toydata.TOY_RUN["parallel_micro"]) if rt.device.type == "cpu" and not rt.ddp else {}
+    stages = [("pretrain", dict(out_dir=out / "pretrain", **cpu)),
+              ("sft", dict(out_dir=out, init_from=out / "pretrain", **cpu))]
     for stage, extra in stages:
         flags = toydata.toy_flags(stage, **extra)
         if rt.master:

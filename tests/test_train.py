@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,47 @@ def test_nonfinite_loss_stops_before_the_step_and_keeps_the_good_checkpoint(corp
     assert "non-finite" in err or "nan" in err
     assert [p.name for p in tmp_path.glob("ckpt_*.pt")] == ["ckpt_0000002.pt"]
     assert torch.load(tmp_path / "ckpt_0000002.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_parallel_micro_batches_equal_one_after_another(corpus, tmp_path, monkeypatch, stage):
+    """--parallel-micro 2: four micro-batches, two at a time in threads of one intra-op thread each, give
+    the same losses and weights to the bit as the four one after another (gradients summed in order)."""
+    flags = ["--batch-size", 1, "--max-steps", 3]  # 256 tokens per step in rows of 64: 4 micro-batches
+    if stage == "sft":  # packed conversations: document masks and assistant-only targets
+        assert pretrain(corpus, tmp_path / "pt", "--max-steps", 1) == 0
+        flags += ["--stage", "sft", "--init-from", tmp_path / "pt", "--mixture", "arith-chat=1"]
+    assert pretrain(corpus, tmp_path / "one", *flags) == 0
+    seen = []
+    grad = torch.autograd.grad
+
+    def spy(*args, **kw):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return grad(*args, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    torch.set_num_threads(2)  # two cores: a micro-batch thread each
+    try:
+        assert pretrain(corpus, tmp_path / "two", *flags, "--parallel-micro", 2) == 0
+    finally:
+        torch.set_num_threads(1)
+    assert len(seen) == 3 * 4 and all(name.startswith("micro") and n == 1 for name, n in seen)
+    assert len({name for name, _ in seen}) == 2
+    assert "micro-batches: 2 at a time, 1 intra-op thread each" in (tmp_path / "two" / "log.txt").read_text()
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [(r["loss"], r["grad_norm"], r["supervised_tokens"]) for r in one] == \
+           [(r["loss"], r["grad_norm"], r["supervised_tokens"]) for r in two]
+    a = torch.load(tmp_path / "one" / "ckpt_0000003.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "ckpt_0000003.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    moments = lambda c: [t for s in c["optimizer"]["state"].values() for t in (s["exp_avg"], s["exp_avg_sq"])]
+    assert all(torch.equal(x, y) for x, y in zip(moments(a), moments(b)))
+
+
+def test_parallel_micro_is_refused_where_it_cannot_run(corpus, tmp_path, capsys):
+    assert pretrain(corpus, tmp_path / "c", "--max-steps", 1, "--parallel-micro", 2, "--compile") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --parallel-micro is for one eager CPU process") and "\n" not in err
 
 
 def test_sft_trains_on_assistant_tokens_with_document_masks(corpus, tmp_path, monkeypatch):
