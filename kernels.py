@@ -23,6 +23,7 @@ vocabulary makes logits the memory peak of a small model (4 bytes x 128,256 = 0.
 both compute logits a chunk of rows at a time and never hold more than one chunk. The backward
 recomputes each chunk's logits (recompute=True, the default), or, with recompute=False, the
 gradients are computed in the forward while the chunk is at hand and the backward only scales them.
+DistillationLoss is mid-training's student + teacher loss built on distill_loss.
 Under bf16 autocast their vocabulary-sized matmuls run in bf16 (as the reference's lm_head does);
 the softmax, the loss and the sums over chunks stay in float32.
 """
@@ -453,3 +454,31 @@ def distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
 
     total = _chunked_loss(chunk_loss, hs, student_weight, chunk_size, recompute)
     return _reduce(total, len(hs), reduction)
+
+
+class DistillationLoss(torch.nn.Module):
+    """Mid-training's loss (RECIPE section 4): KL(teacher || student) over the vocabulary at every
+    supervised position, computed chunk by chunk (distill_loss), plus kd_ce_weight x
+    cross-entropy. The paper publishes neither the temperature nor any CE mixing: defaults T = 1
+    and pure distillation, as the official README describes. Returns the summed (loss, ce, kd) of
+    one micro-batch; the caller divides by the global count of supervised tokens. This module is
+    what DDP wraps when there is a teacher (without one, DDP wraps the model itself)."""
+
+    def __init__(self, model, teacher, temperature=1.0, ce_weight=0.0):
+        super().__init__()
+        self.model = model
+        self.teacher = [teacher]  # in a list: not a submodule, so not in parameters() or state_dict()
+        self.temperature, self.ce_weight = temperature, ce_weight
+
+    def forward(self, x, y, doc_ids=None):
+        teacher = self.teacher[0]
+        h = self.model.forward_hidden(x, doc_ids)
+        w = self.model.lm_head_weight
+        with torch.no_grad():
+            t_h = teacher.forward_hidden(x, doc_ids)
+        kd = distill_loss(h, w, t_h, teacher.lm_head_weight, mask=y != -100,
+                                  temperature=self.temperature, reduction="sum")
+        with torch.no_grad() if self.ce_weight == 0 else contextlib.nullcontext():
+            ce = linear_cross_entropy(h, w, y, reduction="sum")  # logged even when not trained on
+        loss = kd + self.ce_weight * ce if self.ce_weight else kd
+        return loss, ce.detach(), kd.detach()

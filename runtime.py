@@ -1,7 +1,7 @@
 """
 Where a script runs: the device (picked or checked), the processes of a torchrun job, and the peak
 FLOP/s that MFU is measured against, the memory a device has, the C allocator setting of CPU runs
-(keep_freed_memory), and the command-line checks every script's flags share. train.py, sample.py,
+(keep_freed_memory), the command-line checks every script's flags share, and a run's log (Logger). train.py, sample.py,
 data.py, bench.py, model.py and mixing.py use it.
 
     from runtime import Runtime, pick_device
@@ -19,6 +19,7 @@ import os
 import platform
 import random
 import re
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -358,3 +359,18 @@ def device_name(text):
 
 
 device_name.invalid = "no-such-device"
+
+
+class Logger:
+    """Rank 0 prints (above the progress bar) and appends to out_dir/log.txt; other ranks stay quiet."""
+
+    def __init__(self, rt, out_dir):
+        self.rt, self.path, self.bar = rt, Path(out_dir) / "log.txt", None
+
+    def __call__(self, msg):
+        if not self.rt.master:
+            return
+        (self.bar.write if self.bar is not None else print)(msg)
+        sys.stdout.flush()  # a line per step also when stdout is a file or a pipe (nohup, tee)
+        with open(self.path, "a") as f:
+            f.write(msg + "\n")

@@ -47,7 +47,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -55,7 +54,7 @@ import data
 import kernels
 from checkpoint import (CheckpointError, check_same_run, latest_checkpoint, read_checkpoint, remove_partial_files,
                         save_checkpoint)
-from runtime import (ArgumentParser, DeviceError, Runtime, check_memory, device_name, memory_estimate,
+from runtime import (ArgumentParser, DeviceError, Logger, Runtime, check_memory, device_name, memory_estimate,
                      describe_dtype, name_or_path, number, path, peak_flops)
 from tokenizer import TokenizerError
 import sample
@@ -178,22 +177,7 @@ def parse_args(argv):
 
 
 # -------------------------------------------------------------------------------------------------
-# Devices, processes, logging
-
-class Logger:
-    """Rank 0 prints (above the progress bar) and appends to out_dir/log.txt; other ranks stay quiet."""
-
-    def __init__(self, rt, out_dir):
-        self.rt, self.path, self.bar = rt, Path(out_dir) / "log.txt", None
-
-    def __call__(self, msg):
-        if not self.rt.master:
-            return
-        (self.bar.write if self.bar is not None else print)(msg)
-        sys.stdout.flush()  # a line per step also when stdout is a file or a pipe (nohup, tee)
-        with open(self.path, "a") as f:
-            f.write(msg + "\n")
-
+# Signals, the schedule, the metrics log
 
 STOP = {"signal": None}  # set by the signal handler, read at each step boundary
 
@@ -266,34 +250,6 @@ def load_teacher(args, rt, student, data_tokenizer):
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
-
-
-class DistillationLoss(nn.Module):
-    """Mid-training's loss (RECIPE section 4): KL(teacher || student) over the vocabulary at every
-    supervised position, computed chunk by chunk (kernels.distill_loss), plus kd_ce_weight x
-    cross-entropy. The paper publishes neither the temperature nor any CE mixing: defaults T = 1
-    and pure distillation, as the official README describes. Returns the summed (loss, ce, kd) of
-    one micro-batch; the caller divides by the global count of supervised tokens. This module is
-    what DDP wraps when there is a teacher (without one, DDP wraps the model itself)."""
-
-    def __init__(self, model, teacher, temperature=1.0, ce_weight=0.0):
-        super().__init__()
-        self.model = model
-        self.teacher = [teacher]  # in a list: not a submodule, so not in parameters() or state_dict()
-        self.temperature, self.ce_weight = temperature, ce_weight
-
-    def forward(self, x, y, doc_ids=None):
-        teacher = self.teacher[0]
-        h = self.model.forward_hidden(x, doc_ids)
-        w = self.model.lm_head_weight
-        with torch.no_grad():
-            t_h = teacher.forward_hidden(x, doc_ids)
-        kd = kernels.distill_loss(h, w, t_h, teacher.lm_head_weight, mask=y != -100,
-                                  temperature=self.temperature, reduction="sum")
-        with torch.no_grad() if self.ce_weight == 0 else nullcontext():
-            ce = kernels.linear_cross_entropy(h, w, y, reduction="sum")  # logged even when not trained on
-        loss = kd + self.ce_weight * ce if self.ce_weight else kd
-        return loss, ce.detach(), kd.detach()
 
 
 def micro_step_loss(runner, x, y, doc_ids, distilling):
@@ -407,7 +363,7 @@ def setup_run(args, rt):
                 os.replace(metrics.with_suffix(".tmp"), metrics)
         del ckpt
 
-    runner = DistillationLoss(model, teacher, args.kd_temperature, args.kd_ce_weight) if teacher else model
+    runner = kernels.DistillationLoss(model, teacher, args.kd_temperature, args.kd_ce_weight) if teacher else model
     if args.compile:
         runner = torch.compile(runner)
     if rt.ddp:
