@@ -449,7 +449,7 @@ DEMO = dict(loo_steps=200, phase1_steps=700, pretrain_steps=250, batch_size=16, 
 
 def sft_accuracy(run_dir, pre_dir, args, rt, seed):
     """The toy run's SFT (toydata.TOY_RUN, shortened) on top of a pre-trained model, then greedy accuracy
-    on held-out problems the probes do not contain. One micro-batch of 8 rows a step (the toy run's 8 are two of 4)."""
+    on held-out problems the probes do not contain. One micro-batch of 8 rows a step, pinned here."""
     sft = dict(toydata.TOY_RUN["sft"], batch_size=DEMO["sft_batch_size"], max_steps=DEMO["sft_steps"], eval_batches=1,
                save_every=DEMO["sft_steps"], eval_every=0, log_every=DEMO["sft_steps"], eval_mixture="toy-sft=1")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in sft.items()]
