@@ -476,8 +476,8 @@ class DistillationLoss(torch.nn.Module):
         w = self.model.lm_head_weight
         with torch.no_grad():
             t_h = teacher.forward_hidden(x, doc_ids)
-        kd = distill_loss(h, w, t_h, teacher.lm_head_weight, mask=y != -100,
-                                  temperature=self.temperature, reduction="sum")
+        kd = distill_loss(h, w, t_h, teacher.lm_head_weight, mask=y != -100, temperature=self.temperature,
+                          reduction="sum")
         with torch.no_grad() if self.ce_weight == 0 else contextlib.nullcontext():
             ce = linear_cross_entropy(h, w, y, reduction="sum")  # logged even when not trained on
         loss = kd + self.ce_weight * ce if self.ce_weight else kd

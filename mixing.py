@@ -444,14 +444,14 @@ DEMO_HAND_SET = "worked-addsub=0.45,worked-mul=0.45,drills=0.1"
 # The toy solves problems only once it copies the question's operands into the trace (~3M tokens), too many for six
 # runs from scratch: so pre-training has the recipe's two phases (RECIPE section 5.1), phase 1 shared (uniform).
 DEMO = dict(loo_steps=200, phase1_steps=700, pretrain_steps=250, batch_size=16, sft_steps=60, midtrain_steps=60,
-            sft_batch_size=8, seeds=(0, 1), eval_problems=0)
+            seeds=(0, 1), eval_problems=0)
 
 
 def sft_accuracy(run_dir, pre_dir, args, rt, seed):
     """The toy run's SFT (toydata.TOY_RUN, shortened) on top of a pre-trained model, then greedy accuracy
-    on held-out problems the probes do not contain. One micro-batch of 8 rows a step, pinned here."""
-    sft = dict(toydata.TOY_RUN["sft"], batch_size=DEMO["sft_batch_size"], max_steps=DEMO["sft_steps"], eval_batches=1,
-               save_every=DEMO["sft_steps"], eval_every=0, log_every=DEMO["sft_steps"], eval_mixture="toy-sft=1")
+    on held-out problems the probes do not contain."""
+    sft = dict(toydata.TOY_RUN["sft"], max_steps=DEMO["sft_steps"], save_every=DEMO["sft_steps"],
+               eval_every=0, log_every=DEMO["sft_steps"], eval_mixture="toy-sft=1", eval_batches=1)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in sft.items()]
     run_training(flags + [f"--data={args.data}", f"--out-dir={run_dir}", f"--init-from={pre_dir}",
                           f"--seed={seed}", f"--device={args.device}"], rt)

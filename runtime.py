@@ -1,8 +1,8 @@
 """
 Where a script runs: the device (picked or checked), the processes of a torchrun job, and the peak
 FLOP/s that MFU is measured against, the memory a device has, the C allocator setting of CPU runs
-(keep_freed_memory), the command-line checks every script's flags share, and a run's log (Logger). train.py, sample.py,
-data.py, bench.py, model.py and mixing.py use it.
+(keep_freed_memory), the command-line checks every script's flags share, and a run's log (Logger).
+train.py, sample.py, data.py, bench.py, model.py and mixing.py use it.
 
     from runtime import Runtime, pick_device
     device = pick_device("auto")          # cuda, else mps, else cpu
