@@ -2,7 +2,7 @@
 Triton-free kernels in plain PyTorch: attention with document masks, and large-vocabulary losses.
 They run wherever torch runs (CPU, CUDA, MPS) and hold memory linear in sequence length.
 
-attention(q, k, v, causal, doc_ids) is the one entry point model.py uses. Two backends:
+attention(q, k, v, causal, doc_ids) is the one entry point model.py uses. Three backends:
 - "sdpa": torch's scaled_dot_product_attention. Fast without a mask, but an explicit mask (packed
   documents) sends it to a path that materialises the T x S score matrix.
 - "fused": the FlashAttention algorithm. Queries and keys are cut into tiles; each query tile
@@ -14,8 +14,13 @@ attention(q, k, v, causal, doc_ids) is the one entry point model.py uses. Two ba
   ~1/8 of the causal tiles hold work, which is where the speed-up over masked SDPA comes from.
   The live pairs that lie on one tile diagonal are computed together in one batched matmul, so the
   Python loop runs over diagonals, not pairs: few large ops, which small CPUs and GPUs both need.
-The automatic choice sends document masks over more than SDPA_MASK_MAX_KEYS keys to "fused" and
-everything else to "sdpa" (short rows: a dense mask is small, and torch's kernel beats the tile loop);
+- "varlen": packed documents as the separate sequences they are (FlashAttention's variable-length
+  idea in plain PyTorch): the tokens of each (row, document) are gathered into a sequence of their
+  own, documents of similar lengths share one causal SDPA call without a mask, and the outputs are
+  scattered back. No mask, no work across documents; the lengths come to the host once per call.
+The automatic choice: "sdpa" without documents or up to SDPA_MASK_MAX_KEYS keys (a dense mask is
+small there, and torch's kernel beats the tile loop); longer packed rows "varlen" on a CPU in eager
+mode, "fused" elsewhere (torch.compile wants static shapes; on GPUs varlen has not been measured).
 set_backend(name) / use_backend(name) force one (tests, benchmarks, users).
 
 linear_cross_entropy and distill_loss fuse the output projection with the loss. A 128,256-token
@@ -34,7 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "fused")
+BACKENDS = ("sdpa", "fused", "varlen")
 # Tile sizes of the fused kernel: large enough for efficient matmuls, small enough that tiles
 # straddling a document boundary waste little. On the 2-core CPU 64 was within ~8% of the best of
 # 32/64/128 at T = 4k (3 or 8 documents) and ~2x faster than 128 at T = 256..512 (short documents).
@@ -55,8 +60,16 @@ LOSS_CHUNK_ELEMENTS_BF16 = 2**26
 TILE_BATCH_ELEMENTS = 2**20
 # Up to this many keys, doc-masked attention goes to SDPA with a dense mask: on the 2-core CPU, fwd+bwd
 # at toy shapes with documents of 40-300 tokens, SDPA (float32) took 0.52x the fused kernel's time at
-# T = 256 and 0.63x at 512; at 1024 the fused kernel was ahead (0.74x) and at 2048 2x.
+# T = 256 and 0.63x at 512; at 1024 the fused kernel was ahead (0.74x) and at 2048 2x. Above it, on a
+# CPU, varlen: at the 140m heads, 2 threads, float32, 0.64x the fused kernel's time at 1 x 1024 (4
+# documents of 100-600 tokens), 0.51x at 2 x 2048 (40-300), 0.57x at 1 x 4096 (300-3000) and 0.77x
+# with 8 equal documents. At the toy SFT's 8 x 512 varlen took 0.64x dense SDPA's time, but the toy
+# run's figures were measured with SDPA, so 512 keys stay with it.
 SDPA_MASK_MAX_KEYS = 512
+# varlen attention: documents sorted by length go through one SDPA call per bucket, padded to the bucket's
+# longest; a bucket ends where a document is shorter than VARLEN_SPLIT x that, up to VARLEN_BUCKETS calls.
+VARLEN_BUCKETS = 8
+VARLEN_SPLIT = 0.8
 
 _forced_backend = None
 
@@ -85,7 +98,8 @@ def attention(q, k, v, causal=True, doc_ids=None, backend=None):
     last T of the S positions (S > T with a KV cache). The output has v's dtype (q and k may be in
     float32 straight from RoPE and QK-norm while v is a bf16 projection). doc_ids (B, S) integer document ids of a
     packed sequence: key j is visible to query i iff they share a document (and j <= i if causal).
-    Returns (B, H, T, D). backend: "sdpa", "fused", or None (forced backend, else automatic)."""
+    Returns (B, H, T, D). backend: "sdpa", "fused", "varlen" or None (forced backend, else automatic);
+    "varlen" splits packed rows only, anything else goes to SDPA."""
     B, H, T, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
         raise ValueError(f"attention shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, "
@@ -94,13 +108,24 @@ def attention(q, k, v, causal=True, doc_ids=None, backend=None):
         raise ValueError(f"attention: {T} queries but only {k.shape[2]} keys")
     if doc_ids is not None and tuple(doc_ids.shape) != (B, k.shape[2]):
         raise ValueError(f"doc_ids must be (B, S) = {(B, k.shape[2])}, got {tuple(doc_ids.shape)}")
-    long_masked = doc_ids is not None and k.shape[2] > SDPA_MASK_MAX_KEYS
-    name = backend or _forced_backend or ("fused" if long_masked else "sdpa")
-    if name == "sdpa":
+    packed = doc_ids is not None and k.shape[2] == T  # self-attention over packed rows (no KV cache)
+    name = backend or _forced_backend or _auto_backend(q, k, doc_ids)
+    if name == "sdpa" or (name == "varlen" and not packed):  # nothing to split: one sequence per row
         return sdpa_attention(q, k, v, causal, doc_ids)
     if name == "fused":
         return fused_attention(q, k, v, causal, doc_ids)
+    if name == "varlen":
+        return varlen_attention(q, k, v, causal, doc_ids)
     raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
+
+
+def _auto_backend(q, k, doc_ids):
+    """Up to SDPA_MASK_MAX_KEYS keys, or without documents: SDPA. Longer packed rows: per-document
+    SDPA calls on a CPU in eager mode (measured there); the tile loop elsewhere (static shapes)."""
+    if doc_ids is None or k.shape[2] <= SDPA_MASK_MAX_KEYS:
+        return "sdpa"
+    eager_cpu = q.device.type == "cpu" and not torch.compiler.is_compiling()
+    return "varlen" if eager_cpu and k.shape[2] == q.shape[2] else "fused"
 
 
 def sdpa_attention(q, k, v, causal=True, doc_ids=None):
@@ -123,6 +148,75 @@ def sdpa_attention(q, k, v, causal=True, doc_ids=None):
             mask = _visible(whole, whole, T, S, T, S, causal, q.device, *docs)[0][:, None]  # (B, 1, T, S)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return out.to(out_dtype)
+
+
+def varlen_attention(q, k, v, causal=True, doc_ids=None, n_buckets=None):
+    """Packed documents attended as the separate sequences they are (see the module docstring): the
+    tokens of each (row, document) are gathered, in time order, into a sequence of their own; documents
+    sorted by length are cut into at most n_buckets groups of similar lengths, each one SDPA call
+    without a mask, padded to its longest document. Self-attention over packed rows only (T == S);
+    same arguments as attention(). Exact: a query sees the keys it sees under the dense mask (the padding after a document comes after
+    all its keys, and is masked when not causal)."""
+    B, H, T, D = q.shape
+    if doc_ids is None or k.shape[2] != T:
+        raise ValueError("varlen attention needs doc_ids and as many keys as queries (no KV cache)")
+    out_dtype = v.dtype
+    dtype = torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else out_dtype
+    dev, N = q.device, B * T
+    ids = doc_ids.long() - doc_ids.amin()
+    _, doc, counts = torch.unique((torch.arange(B, device=dev)[:, None] * (ids.amax() + 1) + ids).flatten(),
+                                  return_inverse=True, return_counts=True)  # one document per (row, id)
+    order = torch.argsort(doc, stable=True)  # tokens grouped by document, each in time order
+    starts = torch.cumsum(counts, 0) - counts
+    by_length = torch.argsort(counts, descending=True, stable=True)
+    lengths = counts[by_length].tolist()
+    bounds = [0]  # a new bucket where the length falls below VARLEN_SPLIT x its bucket's longest
+    for i, n in enumerate(lengths):
+        if n < VARLEN_SPLIT * lengths[bounds[-1]] and len(bounds) < (n_buckets or VARLEN_BUCKETS):
+            bounds.append(i)
+    bounds.append(len(lengths))
+    slots, real, shapes = [], [], []  # per bucket: the token in each padded slot (N: padding)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        docs, L = by_length[lo:hi], lengths[lo]
+        pos = torch.arange(L, device=dev)
+        real.append(pos < counts[docs, None])
+        slots.append(torch.where(real[-1], order[(starts[docs, None] + pos).clamp(max=N - 1)], N).flatten())
+        shapes.append((hi - lo, L))
+    slots = torch.cat(slots)
+    slot_of = torch.empty(N + 1, dtype=torch.long, device=dev)
+    slot_of[slots] = torch.arange(len(slots), device=dev)  # each token's slot (the padding's is overwritten)
+    slot_of = slot_of[:N]
+    sizes = [n * L for n, L in shapes]
+    with torch.autocast(dev.type, enabled=False):
+        packed = [_Gather.apply(x.to(dtype).transpose(1, 2).reshape(N, x.shape[1], D), slots, slot_of).split(sizes)
+                  for x in (q, k, v)]
+        outs = []
+        for (n, L), mask, *qkv in zip(shapes, real, *packed):
+            qb, kb, vb = (x.view(n, L, x.shape[1], D).transpose(1, 2) for x in qkv)
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=None if causal else mask[:, None, None, :],
+                                               is_causal=causal, enable_gqa=H != k.shape[1])
+            outs.append(o.transpose(1, 2).reshape(n * L, H, D))
+        out = _Gather.apply(torch.cat(outs), slot_of, slots)  # a padding slot's gradient: zeros
+    return out.view(B, T, H, D).transpose(1, 2).to(out_dtype)
+
+
+class _Gather(torch.autograd.Function):
+    """x's rows at index, where index len(x) is a row of zeros. index and inverse pair every row of x
+    with one row of the output (the rest of which are zeros), so the backward is the inverse gather:
+    no accumulation, unlike indexing's backward."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return _gather_rows(x, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_rows(grad, ctx.saved_tensors[0]), None, None
+
+
+def _gather_rows(x, index):
+    return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, index)
 
 
 def fused_attention(q, k, v, causal=True, doc_ids=None, block_q=None, block_k=None):

@@ -5,7 +5,7 @@ built they share weights and inputs, so the two implementations do exactly the s
 
     train       forward, backward, clip, AdamW step: ours vs transformers' Llama4ForCausalLM
     generate    greedy decoding with the KV cache, 128 new tokens after 64
-    attention   kernels.attention (fused) vs torch SDPA, causal or with a dense document mask
+    attention   kernels.attention (its automatic backend) vs torch SDPA, causal or with a dense document mask
     loss        kernels.linear_cross_entropy vs logits + F.cross_entropy
     sampler     data.MixtureSampler vs nanoGPT's get_batch
     eval        sample.py's batched --eval-file path vs one prompt at a time
@@ -123,9 +123,11 @@ def bytes_per_token(model, config, itemsize):
     return weights + cache
 
 
-def build_attention(T, docs, sides=SIDES):
+def build_attention(T, docs, varied=False, backend=None, sides=SIDES):
     """Forward + backward of one attention call at the 140m head shapes, B = 1. docs = 0: causal
-    only; else `docs` equal documents packed in the sequence (the reference gets a dense mask)."""
+    only; else `docs` documents packed in the sequence (the reference gets a dense mask), of equal
+    lengths, or varied: lengths in proportion 1 : 2 : ... : docs. Ours: kernels.attention's automatic
+    choice, or `backend`."""
     H, KV, D = ATTN_HEADS
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, H, T, D, generator=g, requires_grad=True)
@@ -133,6 +135,9 @@ def build_attention(T, docs, sides=SIDES):
     v = torch.randn(1, KV, T, D, generator=g, requires_grad=True)
     dout = torch.randn(1, H, T, D, generator=g)
     doc_ids = (torch.arange(T) * docs // T)[None] if docs else None
+    if docs and varied:
+        ends = torch.tensor([T * n * (n + 1) // (docs * (docs + 1)) for n in range(1, docs + 1)])
+        doc_ids = torch.searchsorted(ends, torch.arange(T), right=True)[None]
     # The dense (T, T) mask is built once, outside the measured call: the reference is not charged for it.
     mask = (doc_ids[0, :, None] == doc_ids[0, None, :]).tril() if docs else None
 
@@ -140,7 +145,7 @@ def build_attention(T, docs, sides=SIDES):
         attend().backward(dout)
         q.grad = k.grad = v.grad = None
     fns = {
-        "ours": lambda: run(lambda: kernels.attention(q, k, v, causal=True, doc_ids=doc_ids, backend="fused")),
+        "ours": lambda: run(lambda: kernels.attention(q, k, v, causal=True, doc_ids=doc_ids, backend=backend)),
         "reference": lambda: run(lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)),
     }

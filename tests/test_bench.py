@@ -28,9 +28,10 @@ def test_attention_and_sampler_rows_and_json(tmp_path):
     rows = json.loads(out.read_text())
     assert all(set(r) == KEYS for r in rows)
     names = [r["name"] for r in rows]
-    # per length and mask kind a time and a memory row, a growth row per mask kind, one sampler row
-    assert len(names) == 2 * 2 * 2 + 2 + 1 and len(set(names)) == len(names)
-    assert sum("growth T=64->128" in n for n in names) == 2 and names[-1].startswith("sampler")
+    # per length and mask kind (causal, equal documents, varied documents) a time and a memory row, with
+    # documents also the tile loop's time; a growth row per mask kind, one sampler row
+    assert len(names) == 3 * 2 * 2 + 2 * 2 + 3 + 1 and len(set(names)) == len(names)
+    assert sum("growth T=64->128" in n for n in names) == 3 and names[-1].startswith("sampler")
     for r in rows:
         assert r["ours"] > 0 and r["reference"] > 0, r
         assert r["ratio"] == pytest.approx(r["ours"] / r["reference"])

@@ -80,7 +80,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("run", [fused_small_tiles, sdpa], ids=["fused", "sdpa"])
+def varlen(q, k, v, causal, doc_ids):
+    return kernels.attention(q, k, v, causal, doc_ids, backend="varlen")  # rows without documents: SDPA
+
+
+@pytest.mark.parametrize("run", [fused_small_tiles, sdpa, varlen], ids=["fused", "sdpa", "varlen"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_attention_matches_naive_float64(run, case):
     B, H, KV, T, S, causal, docs = case
@@ -104,6 +108,31 @@ def test_fused_arbitrary_doc_ids():
     q, k, v = make_qkv(2, 4, 2, 27, 27, 8)
     for causal in (True, False):
         check_against_naive(fused_small_tiles, q, k, v, causal, doc_ids, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_buckets", [1, 2, 3, 50])
+def test_varlen_arbitrary_doc_ids_and_buckets(n_buckets):
+    # ids repeated apart (0 2 0 2 ...) are one document each, as in the dense mask; the buckets only
+    # change how many documents share an SDPA call (padded to the longest of them)
+    g = torch.Generator().manual_seed(3)
+    doc_ids = torch.randint(0, 3, (2, 27), generator=g, dtype=torch.int32) + 5
+    doc_ids[:, 8:16] = torch.tensor([5, 7, 5, 7, 5, 7, 5, 7])
+    q, k, v = make_qkv(2, 6, 2, 27, 27, 8)
+    run = lambda *a: kernels.varlen_attention(*a, n_buckets=n_buckets)  # noqa: E731
+    for causal in (True, False):
+        check_against_naive(run, q, k, v, causal, doc_ids, atol=1e-10)
+
+
+def test_varlen_float32_and_bfloat16_and_refusals():
+    doc_ids = packed_doc_ids(2, 33, [[10, 23], [1, 31, 1]])
+    q, k, v = make_qkv(2, 6, 2, 33, 33, 16, dtype=torch.float32)
+    check_against_naive(kernels.varlen_attention, q, k, v, True, doc_ids, atol=2e-5, rtol=1e-5)
+    q, k, v = make_qkv(2, 6, 2, 33, 33, 16, dtype=torch.bfloat16)
+    check_against_naive(kernels.varlen_attention, q, k, v, True, doc_ids, atol=3e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="doc_ids"):
+        kernels.varlen_attention(q, k, v, True, None)
+    with pytest.raises(ValueError, match="keys"):
+        kernels.varlen_attention(q[:, :, 3:], k, v, True, doc_ids)
 
 
 def test_fused_rectangular_tiles_and_default_tiles():
@@ -183,25 +212,30 @@ def test_tile_plan_skips_masked_tiles():
 
 def test_backend_switch_and_auto_choice(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "fused_attention", lambda *a: calls.append("fused"))
-    monkeypatch.setattr(kernels, "sdpa_attention", lambda *a: calls.append("sdpa"))
+    for name in kernels.BACKENDS:
+        monkeypatch.setattr(kernels, f"{name}_attention", lambda *a, name=name: calls.append(name))
     monkeypatch.setattr(kernels, "SDPA_MASK_MAX_KEYS", 3)
     q, k, v = make_qkv(1, 2, 1, 4, 4, 8)
     doc_ids = torch.zeros(1, 4, dtype=torch.long)
     kernels.attention(q, k, v)
-    kernels.attention(q, k, v, doc_ids=doc_ids)  # 4 keys > 3: the tile loop
+    kernels.attention(q, k, v, doc_ids=doc_ids)  # 4 keys > 3, packed rows on a CPU: per document
     kernels.attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], doc_ids=doc_ids[:, :3])  # short: a dense mask
-    assert calls == ["sdpa", "fused", "sdpa"]
+    kernels.attention(q[:, :, 3:], k, v, doc_ids=doc_ids)  # a KV cache (1 query, 4 keys): the tile loop
+    assert calls == ["sdpa", "varlen", "sdpa", "fused"]
     calls.clear()
-    kernels.attention(q, k, v, doc_ids=doc_ids)
+    with monkeypatch.context() as m:  # varlen brings the lengths to the host: not under torch.compile
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        kernels.attention(q, k, v, doc_ids=doc_ids)
     assert calls == ["fused"]
     with kernels.use_backend("sdpa"):
         kernels.attention(q, k, v, doc_ids=doc_ids)
         with kernels.use_backend("fused"):
             kernels.attention(q, k, v)
         kernels.attention(q, k, v, doc_ids=doc_ids, backend="fused")  # an explicit argument wins
+        kernels.attention(q, k, v, doc_ids=doc_ids, backend="varlen")
+        kernels.attention(q, k, v, backend="varlen")  # no documents to split: SDPA
     kernels.attention(q, k, v)
-    assert calls[1:] == ["sdpa", "fused", "fused", "sdpa"]
+    assert calls[1:] == ["sdpa", "fused", "fused", "varlen", "sdpa", "sdpa"]
     kernels.set_backend("fused")
     try:
         kernels.attention(q, k, v)
@@ -330,3 +364,28 @@ def test_distill_into_identical_copy_is_zero_and_teacher_gets_no_grad(recompute)
     assert (sh.grad == 0).all() and (sw.grad == 0).all()
     assert th.grad is None and tw.grad is None
     assert kernels.distill_loss(sh, sw, th * 2, tw, reduction="sum") > 0
+
+
+def test_model_on_long_packed_rows_takes_varlen_and_matches_the_dense_mask(monkeypatch):
+    # Above SDPA_MASK_MAX_KEYS keys a packed batch goes through varlen inside the model; its loss and
+    # gradients equal the dense-mask SDPA's (float32 summation order only)
+    from model import MobileLLM, ModelConfig
+    torch.manual_seed(0)
+    model = MobileLLM(ModelConfig.from_size("toy"))
+    x, y = torch.randint(0, 272, (2, 48)), torch.randint(0, 272, (2, 48))
+    doc_ids = packed_doc_ids(2, 48, [[20, 1, 27], [9, 39]])
+    monkeypatch.setattr(kernels, "SDPA_MASK_MAX_KEYS", 16)
+    used = []
+    varlen_attention = kernels.varlen_attention
+    monkeypatch.setattr(kernels, "varlen_attention", lambda *a: used.append(1) or varlen_attention(*a))
+    results = []
+    for backend in (None, "sdpa"):
+        model.zero_grad()
+        with kernels.use_backend(backend):
+            _, loss = model(x, y, doc_ids=doc_ids)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert len(used) == model.config.n_layer
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
