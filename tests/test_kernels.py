@@ -386,6 +386,6 @@ def test_model_on_long_packed_rows_takes_varlen_and_matches_the_dense_mask(monke
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert len(used) == model.config.n_layer
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
     for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
