@@ -63,8 +63,8 @@ TILE_BATCH_ELEMENTS = 2**20
 # T = 256 and 0.63x at 512; at 1024 the fused kernel was ahead (0.74x) and at 2048 2x. Above it, on a
 # CPU, varlen: at the 140m heads, 2 threads, float32, 0.64x the fused kernel's time at 1 x 1024 (4
 # documents of 100-600 tokens), 0.51x at 2 x 2048 (40-300), 0.57x at 1 x 4096 (300-3000) and 0.77x
-# with 8 equal documents. At the toy SFT's 8 x 512 varlen took 0.64x dense SDPA's time, but the toy
-# run's figures were measured with SDPA, so 512 keys stay with it.
+# with 8 equal documents. At the toy SFT's 8 x 512 varlen's attention took 0.64x dense SDPA's time, but
+# the whole SFT step only ~0.9x, and seeds 0-2 scored 0.5-1 point lower each (RESULTS.md): 512 stays here.
 SDPA_MASK_MAX_KEYS = 512
 # varlen attention: documents sorted by length go through one SDPA call per bucket, padded to the bucket's
 # longest; a bucket ends where a document is shorter than VARLEN_SPLIT x that, up to VARLEN_BUCKETS calls.
