@@ -155,8 +155,8 @@ def varlen_attention(q, k, v, causal=True, doc_ids=None, n_buckets=None):
     tokens of each (row, document) are gathered, in time order, into a sequence of their own; documents
     sorted by length are cut into at most n_buckets groups of similar lengths, each one SDPA call
     without a mask, padded to its longest document. Self-attention over packed rows only (T == S);
-    same arguments as attention(). Exact: a query sees the keys it sees under the dense mask (the padding after a document comes after
-    all its keys, and is masked when not causal)."""
+    same arguments as attention(). Exact: a query sees the keys it sees under the dense mask (the
+    padding after a document comes after all its keys, and is masked when not causal)."""
     B, H, T, D = q.shape
     if doc_ids is None or k.shape[2] != T:
         raise ValueError("varlen attention needs doc_ids and as many keys as queries (no KV cache)")
