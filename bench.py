@@ -16,7 +16,8 @@ in float32, and for 140m also both in bf16, the reference under CPU autocast as 
 bf16=True), generate 140m (greedy, KV cache, 128 new tokens after 64; ours at --dtype vs the float32
 reference, then both with bf16 weights; memory-bandwidth utilisation = bytes read per token x
 tokens/s over the bandwidth of a large tensor copy measured in the same run), attention (ours vs
-torch SDPA, causal and with a dense 8-document mask), loss (kernels.linear_cross_entropy,
+torch SDPA, causal and with a dense mask of 8 equal or unequal documents; with documents also
+kernels.py's tile loop), loss (kernels.linear_cross_entropy,
 recomputing in the backward or with gradients made in the forward, vs logits + F.cross_entropy),
 sampler (MixtureSampler vs nanoGPT's get_batch), compile (ours eager vs torch.compile: the first
 step, compilation included, and the steady state; only without --quick), cuda (bf16 tokens/s and
