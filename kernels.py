@@ -109,7 +109,7 @@ def attention(q, k, v, causal=True, doc_ids=None, backend=None):
     if doc_ids is not None and tuple(doc_ids.shape) != (B, k.shape[2]):
         raise ValueError(f"doc_ids must be (B, S) = {(B, k.shape[2])}, got {tuple(doc_ids.shape)}")
     packed = doc_ids is not None and k.shape[2] == T  # self-attention over packed rows (no KV cache)
-    name = backend or _forced_backend or _auto_backend(q, k, doc_ids)
+    name = backend or _forced_backend or _auto_backend(q.device, k.shape[2], doc_ids is not None, packed)
     if name == "sdpa" or (name == "varlen" and not packed):  # nothing to split: one sequence per row
         return sdpa_attention(q, k, v, causal, doc_ids)
     if name == "fused":
@@ -119,23 +119,26 @@ def attention(q, k, v, causal=True, doc_ids=None, backend=None):
     raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
 
 
-def _auto_backend(q, k, doc_ids):
+def _auto_backend(device, n_keys, has_docs, packed):
     """Up to SDPA_MASK_MAX_KEYS keys, or without documents: SDPA. Longer packed rows: per-document
     SDPA calls on a CPU in eager mode (measured there); the tile loop elsewhere (static shapes)."""
-    if doc_ids is None or k.shape[2] <= SDPA_MASK_MAX_KEYS:
+    if not has_docs or n_keys <= SDPA_MASK_MAX_KEYS:
         return "sdpa"
-    eager_cpu = q.device.type == "cpu" and not torch.compiler.is_compiling()
-    return "varlen" if eager_cpu and k.shape[2] == q.shape[2] else "fused"
+    eager_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
+    return "varlen" if eager_cpu and packed else "fused"
+
+
+def _sdpa_dtype(q, v):
+    """The dtype SDPA computes in. torch's CPU kernels measured faster in float32 than in bf16, fwd+bwd
+    on the 2-core CPU (causal at toy shapes 0.71x the time, with a dense mask ~0.7x; equal at the 140m
+    heads), so on a CPU bf16 inputs (autocast) are computed in float32, the output cast back to v's dtype."""
+    return torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else v.dtype
 
 
 def sdpa_attention(q, k, v, causal=True, doc_ids=None):
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    # torch's CPU kernels measured faster in float32 than in bf16, fwd+bwd on the 2-core CPU (causal
-    # at toy shapes 0.71x the time, with a dense mask ~0.7x; equal at the 140m heads), so on a CPU
-    # bf16 inputs (autocast) are computed in float32 and the output cast back to v's dtype.
-    out_dtype = v.dtype
-    dtype = torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else out_dtype
+    out_dtype, dtype = v.dtype, _sdpa_dtype(q, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     with torch.autocast(q.device.type, enabled=False):
         # SDPA's is_causal aligns the diagonal top-left, which is only right when T == S (or T == 1,
@@ -160,8 +163,7 @@ def varlen_attention(q, k, v, causal=True, doc_ids=None, n_buckets=None):
     B, H, T, D = q.shape
     if doc_ids is None or k.shape[2] != T:
         raise ValueError("varlen attention needs doc_ids and as many keys as queries (no KV cache)")
-    out_dtype = v.dtype
-    dtype = torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else out_dtype
+    out_dtype, dtype = v.dtype, _sdpa_dtype(q, v)
     dev, N = q.device, B * T
     ids = doc_ids.long() - doc_ids.amin()
     _, doc, counts = torch.unique((torch.arange(B, device=dev)[:, None] * (ids.amax() + 1) + ids).flatten(),
